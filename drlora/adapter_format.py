@@ -1,0 +1,299 @@
+"""The drlora adapter format: the one place that writes, reads and validates adapters.
+
+An adapter is a folder with two files:
+
+- `drlora_adapter.json`: format id and version, base model (name and shape), method,
+  scaling, target projections, the rank of every (layer, expert, projection), optional dense
+  (attention) LoRA ranks per layer, dtype and training provenance.
+- `drlora_adapter.safetensors`: only the active ranks, packed per (layer, projection):
+  `layers.{l}.experts.{p}.lora_A` (sum_e r[l,e,p], in) and `layers.{l}.experts.{p}.lora_B`
+  (out, sum_e r[l,e,p]); expert e owns rows / columns [off_e, off_e + r[l,e,p]) with off the
+  running sum over experts 0..e-1. Dense LoRA: `layers.{l}.self_attn.{q,k,v,o}_proj.lora_A`
+  (r, in) / `.lora_B` (out, r). A trained router: `layers.{l}.router.weight` (E, H), which
+  replaces the base router of that layer.
+
+The delta of expert e on projection p is `scaling * B_e @ A_e`. File names differ from
+PEFT's (`adapter_config.json`) on purpose so that PEFT and vLLM never mistake ours for theirs.
+Spec: docs/adapter-format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from drlora.models import MoeShape
+
+FORMAT_ID = "drlora-moe-lora"
+FORMAT_VERSION = 1
+CONFIG_NAME = "drlora_adapter.json"
+WEIGHTS_NAME = "drlora_adapter.safetensors"
+EXPERT_PROJS = ("gate", "up", "down")
+DENSE_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class AdapterFormatError(ValueError):
+    """An adapter folder is missing, malformed or does not fit the base model."""
+
+
+class NotAnAdapterError(AdapterFormatError):
+    """The path holds no adapter of any known kind."""
+
+
+@dataclass
+class AdapterConfig:
+    base_model: str
+    base_shape: MoeShape
+    method: str
+    scaling: float
+    # ranks[p][l][e]: rank of expert e of layer l on projection p (p in targets)
+    ranks: dict[str, list[list[int]]]
+    dense_ranks: dict[str, list[int]] = field(default_factory=dict)  # p -> rank per layer
+    train_router: bool = False
+    dtype: str = "float32"
+    provenance: dict = field(default_factory=dict)
+    format: str = FORMAT_ID
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def targets(self) -> list[str]:
+        return [p for p in EXPERT_PROJS if p in self.ranks]
+
+    def expert_ranks(self, proj: str) -> torch.Tensor:
+        """(L, E) int64 ranks of one projection (zeros if not targeted)."""
+        if proj not in self.ranks:
+            return torch.zeros(self.base_shape.num_hidden_layers, self.base_shape.num_experts,
+                               dtype=torch.long)
+        return torch.tensor(self.ranks[proj], dtype=torch.long)
+
+    def total_ranks(self) -> int:
+        return int(sum(sum(map(sum, r)) for r in self.ranks.values()) +
+                   sum(sum(r) for r in self.dense_ranks.values()))
+
+    def num_parameters(self) -> int:
+        n = 0
+        for p, r in self.ranks.items():
+            i, o = self.base_shape.proj_dims(p)
+            n += sum(map(sum, r)) * (i + o)
+        for p, r in self.dense_ranks.items():
+            i, o = self.base_shape.proj_dims(p)
+            n += sum(r) * (i + o)
+        if self.train_router:
+            s = self.base_shape
+            n += s.num_hidden_layers * s.num_experts * s.hidden_size
+        return n
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["base_shape"] = asdict(self.base_shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "config") -> AdapterConfig:
+        try:
+            if d.get("format") != FORMAT_ID:
+                raise AdapterFormatError(f"{where}: 'format' is {d.get('format')!r}, expected {FORMAT_ID!r}")
+            if int(d.get("format_version", 0)) > FORMAT_VERSION:
+                raise AdapterFormatError(
+                    f"{where}: format_version {d['format_version']} is newer than this drlora "
+                    f"understands ({FORMAT_VERSION})")
+            d = dict(d)
+            d["base_shape"] = MoeShape(**d["base_shape"])
+            return cls(**d)
+        except AdapterFormatError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AdapterFormatError(f"{where}: malformed adapter config ({exc})") from None
+
+
+@dataclass
+class Adapter:
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    path: Path | None = None
+
+    def expert_lora(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Packed (A (R, in), B (out, R), ranks per expert) of one layer and projection."""
+        return (self.tensors[key(layer, proj, "lora_A")], self.tensors[key(layer, proj, "lora_B")],
+                self.config.ranks[proj][layer])
+
+    def expert_delta(self, layer: int, proj: str) -> torch.Tensor:
+        """Dense (E, out, in) delta `scaling * B_e @ A_e` for every expert (for tests/merging)."""
+        A, B, ranks = self.expert_lora(layer, proj)
+        i, o = self.config.base_shape.proj_dims(proj)
+        out = torch.zeros(len(ranks), o, i, dtype=torch.float32)
+        off = 0
+        for e, r in enumerate(ranks):
+            out[e] = B[:, off:off + r].float() @ A[off:off + r].float()
+            off += r
+        return out * self.config.scaling
+
+    def dense_lora(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensors[key(layer, proj, "lora_A")], self.tensors[key(layer, proj, "lora_B")]
+
+    def router_weight(self, layer: int) -> torch.Tensor | None:
+        return self.tensors.get(f"layers.{layer}.router.weight")
+
+
+def key(layer: int, proj: str, which: str) -> str:
+    """Tensor name in the safetensors file; which in {lora_A, lora_B}."""
+    if proj in EXPERT_PROJS:
+        return f"layers.{layer}.experts.{proj}.{which}"
+    if proj in DENSE_PROJS:
+        return f"layers.{layer}.self_attn.{proj}.{which}"
+    raise ValueError(f"unknown projection '{proj}'")
+
+
+def expected_shapes(cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    s = cfg.base_shape
+    for p, per_layer in cfg.ranks.items():
+        i, o = s.proj_dims(p)
+        for l, ranks in enumerate(per_layer):
+            R = sum(ranks)
+            shapes[key(l, p, "lora_A")] = (R, i)
+            shapes[key(l, p, "lora_B")] = (o, R)
+    for p, ranks in cfg.dense_ranks.items():
+        i, o = s.proj_dims(p)
+        for l, r in enumerate(ranks):
+            shapes[key(l, p, "lora_A")] = (r, i)
+            shapes[key(l, p, "lora_B")] = (o, r)
+    if cfg.train_router:
+        for l in range(s.num_hidden_layers):
+            shapes[f"layers.{l}.router.weight"] = (s.num_experts, s.hidden_size)
+    return shapes
+
+
+def _check_config(cfg: AdapterConfig) -> None:
+    s = cfg.base_shape
+    L, E = s.num_hidden_layers, s.num_experts
+    if not cfg.ranks and not cfg.dense_ranks and not cfg.train_router:
+        raise AdapterFormatError("adapter targets no projection")
+    for p, per_layer in cfg.ranks.items():
+        if p not in EXPERT_PROJS:
+            raise AdapterFormatError(f"unknown expert projection '{p}' (expected one of {EXPERT_PROJS})")
+        if len(per_layer) != L or any(len(r) != E for r in per_layer):
+            raise AdapterFormatError(f"ranks['{p}'] must be {L} layers x {E} experts")
+        if any((not isinstance(x, int)) or x < 0 for r in per_layer for x in r):
+            raise AdapterFormatError(f"ranks['{p}'] must hold non-negative integers")
+    for p, ranks in cfg.dense_ranks.items():
+        if p not in DENSE_PROJS:
+            raise AdapterFormatError(f"unknown dense projection '{p}' (expected one of {DENSE_PROJS})")
+        if len(ranks) != L or any((not isinstance(x, int)) or x < 0 for x in ranks):
+            raise AdapterFormatError(f"dense_ranks['{p}'] must be {L} non-negative integers")
+    if not (isinstance(cfg.scaling, (int, float)) and math.isfinite(cfg.scaling)):
+        raise AdapterFormatError(f"scaling must be a finite number, got {cfg.scaling!r}")
+    if cfg.dtype not in DTYPES:
+        raise AdapterFormatError(f"dtype '{cfg.dtype}' not one of {list(DTYPES)}")
+
+
+def check_base(cfg: AdapterConfig, base: MoeShape) -> None:
+    """Refuse an adapter whose shapes do not fit the base model."""
+    a = cfg.base_shape
+    for f in ("num_hidden_layers", "num_experts", "hidden_size", "intermediate_size",
+              "num_attention_heads", "num_key_value_heads", "head_dim"):
+        if getattr(a, f) != getattr(base, f):
+            raise AdapterFormatError(
+                f"adapter was made for {f}={getattr(a, f)} but the base model has {getattr(base, f)}")
+
+
+def write_adapter(path: str | Path, cfg: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
+    """Validate and write an adapter folder (weights first, config last: a folder with a
+    config is complete)."""
+    path = Path(path)
+    _check_config(cfg)
+    _check_tensors(cfg, tensors)
+    path.mkdir(parents=True, exist_ok=True)
+    dt = DTYPES[cfg.dtype]
+    out = {k: v.detach().to("cpu", dt).contiguous() for k, v in tensors.items()}
+    tmp = path / (WEIGHTS_NAME + ".tmp")
+    save_file(out, str(tmp), metadata={"format": FORMAT_ID, "format_version": str(FORMAT_VERSION)})
+    tmp.replace(path / WEIGHTS_NAME)
+    tmp = path / (CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(cfg.to_json(), indent=1))
+    tmp.replace(path / CONFIG_NAME)
+    return path
+
+
+def _check_tensors(cfg: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    if missing:
+        raise AdapterFormatError(f"missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise AdapterFormatError(f"unexpected tensor {extra[0]} (not implied by the ranks)")
+    for k, shape in want.items():
+        t = tensors[k]
+        if tuple(t.shape) != shape:
+            raise AdapterFormatError(f"tensor {k} has shape {tuple(t.shape)}, ranks imply {shape}")
+        if not torch.isfinite(t).all():
+            raise AdapterFormatError(f"tensor {k} holds NaN or inf")
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    """Parse the safetensors header without loading tensors; refuse anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("file too short")
+            n = struct.unpack("<Q", head)[0]
+            if n > 100_000_000 or n > path.stat().st_size - 8:
+                raise ValueError("bad header length")
+            return json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise AdapterFormatError(f"{path.name} is not a safetensors file ({exc})") from None
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def load_config(path: str | Path) -> AdapterConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise NotAnAdapterError(f"{path} is not a folder")
+    if not (path / CONFIG_NAME).is_file():
+        raise NotAnAdapterError(f"{path} has no {CONFIG_NAME}")
+    try:
+        d = json.loads((path / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{CONFIG_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise AdapterFormatError(f"{CONFIG_NAME} must hold a JSON object")
+    cfg = AdapterConfig.from_json(d, where=CONFIG_NAME)
+    _check_config(cfg)
+    return cfg
+
+
+def read_adapter(path: str | Path, base: MoeShape | None = None) -> Adapter:
+    """Read and fully validate an adapter folder (on CPU)."""
+    path = Path(path)
+    cfg = load_config(path)
+    if base is not None:
+        check_base(cfg, base)
+    wpath = path / WEIGHTS_NAME
+    if not wpath.is_file():
+        others = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = f" (found {others[0]}: only safetensors weights are accepted)" if others else ""
+        raise AdapterFormatError(f"{path} has no {WEIGHTS_NAME}{hint}")
+    _read_safetensors_header(wpath)
+    try:
+        tensors = load_file(str(wpath))
+    except Exception as exc:
+        raise AdapterFormatError(f"{WEIGHTS_NAME} could not be read ({exc})") from None
+    _check_tensors(cfg, tensors)
+    return Adapter(cfg, tensors, path)
+
+
+def validate_adapter(path: str | Path, base: MoeShape | None = None) -> AdapterConfig:
+    """Raise AdapterFormatError naming the problem, else return the config."""
+    return read_adapter(path, base).config

@@ -1,0 +1,90 @@
+"""Request-level types shared by the engine and the HTTP server."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses (bad sampling values, prompt too long, ...): HTTP 400."""
+
+
+class AdapterNotFoundError(KeyError):
+    """A request names an adapter that is not registered: HTTP 404."""
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0]) if self.args else "adapter not found"
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-k logprobs per generated token (0: the chosen one only)
+    prompt_logprobs: int | None = None  # same for prompt tokens (for echo)
+    n: int = 1
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise InvalidRequestError(f"max_tokens must be a non-negative integer, got {self.max_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise InvalidRequestError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not (0 <= v <= 20):
+                raise InvalidRequestError(f"{name} must be between 0 and 20, got {v}")
+        if self.n < 1:
+            raise InvalidRequestError(f"n must be >= 1, got {self.n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)  # token id -> logprob
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A snapshot of one request: cumulative outputs (deltas are the server's business)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    adapter: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first entry None
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: str
+    version: int  # bumps on every in-place replace
+    total_rank: int
+    resident: bool  # in the GPU pool now
+    pinned: bool = False

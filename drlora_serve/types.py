@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 class InvalidRequestError(ValueError):
@@ -88,3 +90,47 @@ class AdapterInfo:
     total_rank: int
     resident: bool  # in the GPU pool now
     pinned: bool = False
+
+
+@dataclass
+class EngineStats:
+    """What /metrics exports (vLLM-compatible names are the server's business)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # 0..1
+    running_adapters: list[str] = field(default_factory=list)
+    waiting_adapters: list[str] = field(default_factory=list)
+    max_loras: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    num_preemptions_total: int = 0
+    requests_finished_total: int = 0
+
+
+class EngineClient(Protocol):
+    """What the HTTP server needs from the engine (drlora_serve.async_engine.AsyncLLMEngine)."""
+
+    model_name: str  # the base model's served name
+    max_model_len: int
+    tokenizer: Any  # a transformers PreTrainedTokenizerFast
+
+    async def start(self) -> None: ...
+    async def shutdown(self, graceful: bool = True) -> None: ...
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                 adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative snapshots until finished. Closing the iterator early aborts the request
+        and frees its KV blocks. Raises AdapterNotFoundError / InvalidRequestError up front."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+    def list_adapters(self) -> list[AdapterInfo]: ...
+
+    async def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:
+        """NotAnAdapterError (404) if the path holds no adapter, AdapterFormatError or
+        ValueError (duplicate name without replace) otherwise (400)."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None: ...  # AdapterNotFoundError
+    def stats(self) -> EngineStats: ...

@@ -1,0 +1,28 @@
+"""Engine configuration (flags use vLLM's names where vLLM has one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineArgs:
+    model: str = "tiny"  # resolved by drlora.models.resolve_model
+    served_model_name: str | None = None  # name of the base model in the API (default: model)
+    adapters_dir: str | None = None  # each subfolder one adapter, named after it
+    lora_modules: dict[str, str] = field(default_factory=dict)  # name -> path
+    max_loras: int = 16  # adapters resident in the device pool at once
+    max_cpu_loras: int = 64  # adapters kept in host memory (LRU)
+    max_lora_rank: int = 256  # largest per-expert rank accepted
+    lora_pool_rank_rows: int | None = None  # pool size in rank rows per (layer, projection)
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available else cpu
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 4096
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # overrides the memory-fraction sizing (CPU default: 2048)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # no CUDA graphs
+    seed: int = 0

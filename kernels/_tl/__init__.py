@@ -1,0 +1,1 @@
+"""Triton kernels (imported lazily, only on Triton dispatch)."""

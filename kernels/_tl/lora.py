@@ -1,0 +1,125 @@
+"""Rank-exact LoRA shrink / expand over (expert, slot)-aligned pairs (Triton).
+
+Legend: N routed pairs, M input rows, S slots, E experts, R pool rank rows,
+RM rank bound (buffer width), IN/OUT dims, BM/BR/BK/BN tile sizes.
+Every block belongs to one (e, s) group; its rank r and pool offset o come from the
+(S, E) tables, and only ceil(r / BR) rank tiles are computed (masked to r).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def lora_shrink_kernel(
+    x_ptr,  # (M, IN); row of pair p = p // X_ROW_DIV
+    a_ptr,  # (R, IN) pool of A rows, IN contiguous
+    u_ptr,  # (N, RM) fp32
+    sorted_ids_ptr,
+    block_expert_ptr,
+    block_slot_ptr,
+    num_blocks_ptr,
+    offsets_ptr,  # (S, E) int32 contiguous
+    ranks_ptr,  # (S, E) int32 contiguous
+    num_pairs,
+    num_experts,
+    IN,
+    stride_xm,
+    stride_ar,
+    stride_um,
+    X_ROW_DIV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Semantics: u[p, :r] = x[row(p)] @ a[o:o+r].T  with (o, r) of the block's (s, e).
+    Grid: (L // BM, cdiv(RM, BR)); rank tiles >= r exit at once.
+    """
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    if pid_m >= tl.load(num_blocks_ptr):
+        return
+    e = tl.load(block_expert_ptr + pid_m)
+    s = tl.load(block_slot_ptr + pid_m)
+    r = tl.load(ranks_ptr + s * num_experts + e)
+    if pid_r * BR >= r:
+        return
+    o = tl.load(offsets_ptr + s * num_experts + e).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = pair < num_pairs
+    xrow = (pair // X_ROW_DIV).to(tl.int64)
+    offs_r = pid_r * BR + tl.arange(0, BR)
+    r_ok = offs_r < r
+    offs_k = tl.arange(0, BK)
+    x_ptrs = x_ptr + xrow[:, None] * stride_xm + offs_k[None, :]
+    a_ptrs = a_ptr + (o + offs_r)[None, :] * stride_ar + offs_k[:, None]
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(IN, BK)):
+        k_ok = offs_k < IN - kk * BK
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+        x_ptrs += BK
+        a_ptrs += BK
+    u_ptrs = u_ptr + pair.to(tl.int64)[:, None] * stride_um + offs_r[None, :]
+    tl.store(u_ptrs, acc, mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def lora_expand_kernel(
+    u_ptr,  # (N, RM) fp32
+    b_ptr,  # (R, OUT_B) pool of B^T rows, contiguous columns
+    y_ptr,  # (N or T, *) output, updated in place at columns [y_col, y_col + OUT)
+    scales_ptr,  # (S,) fp32
+    sorted_ids_ptr,
+    block_expert_ptr,
+    block_slot_ptr,
+    num_blocks_ptr,
+    offsets_ptr,
+    ranks_ptr,
+    num_pairs,
+    num_experts,
+    OUT,
+    y_col,
+    stride_um,
+    stride_br,
+    stride_ym,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """Semantics: y[p, y_col:y_col+OUT] += scale[s] * u[p, :r] @ b[o:o+r]  for the block's (s, e).
+    Grid: (L // BM, cdiv(OUT, BN)); the rank loop runs ceil(r / BR) tiles.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m >= tl.load(num_blocks_ptr):
+        return
+    e = tl.load(block_expert_ptr + pid_m)
+    s = tl.load(block_slot_ptr + pid_m)
+    r = tl.load(ranks_ptr + s * num_experts + e)
+    if r == 0:
+        return
+    o = tl.load(offsets_ptr + s * num_experts + e).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = pair < num_pairs
+    prow = pair.to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < OUT
+    offs_r = tl.arange(0, BR)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for j in range(0, tl.cdiv(r, BR)):
+        rr = j * BR + offs_r
+        r_ok = rr < r
+        u = tl.load(u_ptr + prow[:, None] * stride_um + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + (o + rr)[:, None] * stride_br + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(u.to(b.dtype), b, acc, input_precision=PRECISION)
+    scale = tl.load(scales_ptr + s)
+    y_ptrs = y_ptr + prow[:, None] * stride_ym + y_col + offs_n[None, :]
+    mask = row_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,111 @@
+"""Routing alignment for grouped expert GEMMs, computed on the device without host sync.
+
+Legend: T tokens, K top-k, N = T*K routed pairs, E experts, S adapter slots,
+G groups (E for experts, E*S for (expert, slot)), BM block rows, L padded length.
+
+Pairs p = t*K + k are stably sorted by group key; each non-empty group is padded to a
+multiple of BM with the sentinel N. Block b covers sorted_ids[b*BM:(b+1)*BM] and
+belongs to one group. All sizes are static upper bounds derived from (N, G, BM):
+  L = round_up(N + min(N, G) * (BM - 1), BM)
+so nothing has to be read back to the host; kernels launch L // BM programs and
+early-exit on blocks >= num_blocks[0] (a device tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MoeAlignment:
+    sorted_ids: torch.Tensor  # (L,) int32 pair ids, sentinel = num_pairs
+    block_expert: torch.Tensor  # (L // BM,) int32, -1 for unused blocks
+    block_slot: torch.Tensor | None  # (L // BM,) int32 for (expert, slot) groups, else None
+    num_blocks: torch.Tensor  # (1,) int32, number of used blocks
+    block_m: int
+    num_pairs: int
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+
+def _max_len(n: int, groups: int, block_m: int) -> int:
+    raw = n + min(n, groups) * (block_m - 1)
+    return max(block_m, -(-raw // block_m) * block_m)
+
+
+def _align(keys: torch.Tensor, valid: torch.Tensor | None, num_groups: int, block_m: int):
+    """keys (N,) int64 in [0, G); valid (N,) bool or None. Returns sorted_ids, block_group, num_blocks."""
+    dev = keys.device
+    n = keys.numel()
+    max_len = _max_len(n, num_groups, block_m)
+    # invalid pairs go to an extra group G that is neither counted nor padded
+    if valid is not None:
+        keys = torch.where(valid, keys, torch.full_like(keys, num_groups))
+    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, keys, torch.ones_like(keys))  # no sync (unlike CUDA bincount)
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded[num_groups] = 0
+    ends = torch.cumsum(padded, 0)  # (G+1,)
+    starts = ends - padded
+    cstarts = torch.cumsum(counts, 0) - counts
+    order = torch.sort(keys, stable=True).indices  # (N,)
+    sk = keys[order]
+    dest = starts[sk] + torch.arange(n, device=dev) - cstarts[sk]
+    dest = torch.where(sk < num_groups, dest, torch.full_like(dest, max_len))
+    sorted_ids = torch.full((max_len + 1,), n, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    sorted_ids = sorted_ids[:max_len]
+    block_starts = torch.arange(0, max_len, block_m, device=dev)
+    group_ends = ends[:num_groups].contiguous()
+    block_group = torch.searchsorted(group_ends, block_starts, right=True)  # (max_blocks,)
+    total = ends[num_groups - 1] if num_groups > 0 else ends[0]
+    used = block_starts < total
+    block_group = torch.where(used, block_group, torch.full_like(block_group, -1))
+    num_blocks = (total // block_m).to(torch.int32).reshape(1)
+    return sorted_ids, block_group, num_blocks
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
+    """Group routed pairs by expert, padded per expert to BM.
+
+    topk_ids (T, K) int -> sorted_ids (L,), block_expert (L//BM,), num_blocks (1,).
+    """
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be (T, K), got {tuple(topk_ids.shape)}")
+    keys = topk_ids.reshape(-1).to(torch.int64)
+    sorted_ids, bg, nb = _align(keys, None, num_experts, block_m)
+    return MoeAlignment(sorted_ids, bg.to(torch.int32), None, nb, block_m, keys.numel())
+
+
+def moe_lora_align(
+    topk_ids: torch.Tensor, slot_ids: torch.Tensor, num_experts: int, num_slots: int, block_m: int
+) -> MoeAlignment:
+    """Group routed pairs by (expert, slot) with slot >= 0, padded per group to BM.
+
+    topk_ids (T, K), slot_ids (T,) (-1 = base only, such pairs are dropped).
+    Group key = e * S + s; block_expert = key // S, block_slot = key % S.
+    """
+    if topk_ids.dim() != 2 or slot_ids.dim() != 1 or slot_ids.shape[0] != topk_ids.shape[0]:
+        raise ValueError(
+            f"need topk_ids (T, K) and slot_ids (T,), got {tuple(topk_ids.shape)}, {tuple(slot_ids.shape)}"
+        )
+    k = topk_ids.shape[1]
+    e = topk_ids.reshape(-1).to(torch.int64)
+    s = slot_ids.to(torch.int64).repeat_interleave(k)
+    valid = s >= 0
+    keys = e * num_slots + s.clamp(min=0)
+    sorted_ids, bg, nb = _align(keys, valid, num_experts * num_slots, block_m)
+    unused = bg < 0
+    be = torch.where(unused, -1, bg // max(num_slots, 1)).to(torch.int32)
+    bs = torch.where(unused, -1, bg % max(num_slots, 1)).to(torch.int32)
+    return MoeAlignment(sorted_ids, be, bs, nb, block_m, e.numel())
+
+
+def dense_lora_align(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> MoeAlignment:
+    """Segment tokens by adapter slot (dense LoRA = MoE LoRA with E=1, K=1)."""
+    zeros = torch.zeros(slot_ids.shape[0], 1, dtype=torch.int32, device=slot_ids.device)
+    return moe_lora_align(zeros, slot_ids, 1, num_slots, block_m)

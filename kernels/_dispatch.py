@@ -40,6 +40,18 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.empty, or NaN-filled when DRLORA_POISON=1 (tests: catches unwritten outputs)."""
+    if os.environ.get("DRLORA_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def interp_upcast(dtype: torch.dtype) -> bool:
+    """The Triton interpreter (numpy) computes bf16 tl.dot wrongly: upcast operands there."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)

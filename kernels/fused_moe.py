@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import check, check_same_device, dot_precision, use_triton
+from kernels._dispatch import check, empty, check_same_device, dot_precision, interp_upcast, use_triton
 from kernels.lora_types import MoeLoraLayer
 from kernels.moe_align import MoeAlignment, moe_align, moe_lora_align
 from kernels.moe_lora import (
@@ -89,7 +89,7 @@ def fused_moe_torch(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: Moe
         if c:
             segs.append((e, order[start : start + c]))
         start += c
-    gu = torch.empty(n, i2, dtype=torch.float32, device=hidden.device)
+    gu = empty(n, i2, dtype=torch.float32, device=hidden.device)
     for e, idx in segs:
         gu[idx] = (hidden[idx // k] @ w_gate_up[e].T).float()
     if lora is not None:
@@ -99,7 +99,7 @@ def fused_moe_torch(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: Moe
                 u = moe_lora_shrink_torch(hidden, lora.a[p], lora.offsets[p], lora.ranks[p], topk_ids, slot_ids, rb)
                 moe_lora_expand_torch(gu, u, lora.b[p], lora.offsets[p], lora.ranks[p], lora.scales, topk_ids, slot_ids, col)
     h = (F.silu(gu[:, :i]) * gu[:, i:]).to(hidden.dtype)
-    y = torch.empty(n, hdim, dtype=torch.float32, device=hidden.device)
+    y = empty(n, hdim, dtype=torch.float32, device=hidden.device)
     for e, idx in segs:
         y[idx] = (h[idx] @ w_down[e].T).float()
     if lora is not None and "down" in lora.a:
@@ -145,7 +145,7 @@ def moe_gemm_triton(x, w, align: MoeAlignment, out, cfg, x_row_div, fuse_act=Fal
         x, w, out, routed if routed is not None else out, align.sorted_ids, align.block_expert, align.num_blocks,
         align.num_pairs, out_dim, x.shape[1], w.shape[1] // 2 if fuse_act else 0,
         x.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        X_ROW_DIV=x_row_div, FUSE_ACT=fuse_act, MUL_ROUTED=routed is not None, PRECISION=dot_precision(x.dtype),
+        X_ROW_DIV=x_row_div, FUSE_ACT=fuse_act, MUL_ROUTED=routed is not None, PRECISION=dot_precision(x.dtype), UPCAST=interp_upcast(x.dtype),
         **cfg,
     )
     return out
@@ -169,7 +169,7 @@ def fused_moe_triton(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: Mo
         rb = lora.rank_bound()
         la = moe_lora_align(topk_ids, slot_ids, e_num, lora.num_slots, lora_block_m(n))
     if lora_gu:
-        gu = moe_gemm_triton(hidden, w_gate_up, align, torch.empty(n, i2, dtype=torch.float32, device=dev), cfg_gu, k)
+        gu = moe_gemm_triton(hidden, w_gate_up, align, empty(n, i2, dtype=torch.float32, device=dev), cfg_gu, k)
         for p, col in (("gate", 0), ("up", i)):
             if p in lora.a:
                 u = moe_lora_shrink_triton(hidden, lora.a[p], lora.offsets[p], lora.ranks[p], la, k, rb)
@@ -178,8 +178,8 @@ def fused_moe_triton(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: Mo
     else:
         cfg_act = gemm_config(n, e_num, i, hdim, hidden.dtype, dev)
         cfg_act["BM"] = cfg_gu["BM"]
-        h = moe_gemm_triton(hidden, w_gate_up, align, torch.empty(n, i, dtype=hidden.dtype, device=dev), cfg_act, k, fuse_act=True)
-    y = torch.empty(n, hdim, dtype=torch.float32, device=dev)
+        h = moe_gemm_triton(hidden, w_gate_up, align, empty(n, i, dtype=hidden.dtype, device=dev), cfg_act, k, fuse_act=True)
+    y = empty(n, hdim, dtype=torch.float32, device=dev)
     if lora_dn:
         moe_gemm_triton(h, w_down, align_dn, y, cfg_dn, 1)
         u = moe_lora_shrink_triton(h, lora.a["down"], lora.offsets["down"], lora.ranks["down"], la, 1, rb)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import check, check_same_device, dot_precision, use_triton
+from kernels._dispatch import check, empty, check_same_device, dot_precision, interp_upcast, use_triton
 from kernels.moe_align import MoeAlignment, moe_lora_align
 
 RANK_TILE = 16  # BR
@@ -65,7 +65,7 @@ def lora_groups(topk_ids: torch.Tensor, slot_ids: torch.Tensor, num_slots: int):
 def moe_lora_shrink_torch(x, a, offsets, ranks, topk_ids, slot_ids, rank_bound, out=None):
     n = topk_ids.numel()
     div = _row_div(x, topk_ids)
-    u = out if out is not None else torch.empty(n, rank_bound, dtype=torch.float32, device=x.device)
+    u = out if out is not None else empty(n, rank_bound, dtype=torch.float32, device=x.device)
     pairs, groups = lora_groups(topk_ids, slot_ids, offsets.shape[0])
     off, rk = offsets.tolist(), ranks.tolist()
     start = 0
@@ -101,7 +101,7 @@ def moe_lora_shrink_triton(x, a, offsets, ranks, align: MoeAlignment, row_div, r
     from kernels._tl.lora import lora_shrink_kernel
 
     n = align.num_pairs
-    u = out if out is not None else torch.empty(n, max(rank_bound, 1), dtype=torch.float32, device=x.device)
+    u = out if out is not None else empty(n, max(rank_bound, 1), dtype=torch.float32, device=x.device)
     if rank_bound == 0 or n == 0:
         return u
     in_dim = x.shape[1]
@@ -110,7 +110,7 @@ def moe_lora_shrink_triton(x, a, offsets, ranks, align: MoeAlignment, row_div, r
     lora_shrink_kernel[grid](
         x, a, u, align.sorted_ids, align.block_expert, align.block_slot, align.num_blocks,
         offsets, ranks, n, offsets.shape[1], in_dim, x.stride(0), a.stride(0), u.stride(0),
-        X_ROW_DIV=row_div, PRECISION=dot_precision(x.dtype), BM=align.block_m, BR=RANK_TILE, BK=bk,
+        X_ROW_DIV=row_div, PRECISION=dot_precision(x.dtype), UPCAST=interp_upcast(x.dtype), BM=align.block_m, BR=RANK_TILE, BK=bk,
         num_warps=4,
     )
     return u
@@ -128,7 +128,7 @@ def moe_lora_expand_triton(y, u, b, offsets, ranks, scales, align: MoeAlignment,
     lora_expand_kernel[grid](
         u, b, y, scales, align.sorted_ids, align.block_expert, align.block_slot, align.num_blocks,
         offsets, ranks, n, offsets.shape[1], out_dim, y_col, u.stride(0), b.stride(0), y.stride(0),
-        PRECISION=dot_precision(b.dtype), BM=align.block_m, BN=bn, BR=RANK_TILE,
+        PRECISION=dot_precision(b.dtype), UPCAST=interp_upcast(b.dtype), BM=align.block_m, BN=bn, BR=RANK_TILE,
         num_warps=4,
     )
     return y

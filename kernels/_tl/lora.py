@@ -29,6 +29,7 @@ def lora_shrink_kernel(
     stride_um,
     X_ROW_DIV: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only: bf16 dot is broken there
     BM: tl.constexpr,
     BR: tl.constexpr,
     BK: tl.constexpr,
@@ -60,6 +61,9 @@ def lora_shrink_kernel(
         k_ok = offs_k < IN - kk * BK
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            a = a.to(tl.float32)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
         x_ptrs += BK
         a_ptrs += BK
@@ -87,6 +91,7 @@ def lora_expand_kernel(
     stride_br,
     stride_ym,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only: bf16 dot is broken there
     BM: tl.constexpr,
     BN: tl.constexpr,
     BR: tl.constexpr,
@@ -117,7 +122,11 @@ def lora_expand_kernel(
         r_ok = rr < r
         u = tl.load(u_ptr + prow[:, None] * stride_um + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         b = tl.load(b_ptr + (o + rr)[:, None] * stride_br + offs_n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(u.to(b.dtype), b, acc, input_precision=PRECISION)
+        u = u.to(b.dtype)
+        if UPCAST:
+            u = u.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(u, b, acc, input_precision=PRECISION)
     scale = tl.load(scales_ptr + s)
     y_ptrs = y_ptr + prow[:, None] * stride_ym + y_col + offs_n[None, :]
     mask = row_ok[:, None] & n_ok[None, :]

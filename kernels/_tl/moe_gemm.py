@@ -29,6 +29,7 @@ def moe_gemm_kernel(
     FUSE_ACT: tl.constexpr,
     MUL_ROUTED: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only: bf16 dot is broken there
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -59,9 +60,14 @@ def moe_gemm_kernel(
         k_ok = offs_k < IN - kk * BK
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if FUSE_ACT:
             wu = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                wu = wu.to(tl.float32)
             acc_up = tl.dot(a, wu, acc_up, input_precision=PRECISION)
         x_ptrs += BK
         w_ptrs += BK

@@ -1,0 +1,100 @@
+"""Paged KV cache: store new keys/values and single-query (decode) attention.
+
+Legend: T tokens, B sequences, QH query heads, KVH kv heads (QH % KVH == 0), D head dim,
+NB cache blocks, BS block size, MAXB max blocks per sequence.
+
+store_kv:  k_cache[slot // BS, slot % BS] = k[t] for slot = slot_mapping[t] >= 0 (same for v).
+paged_decode_attention: out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over positions
+    [0, context_lens[b]) read through block_tables[b]; kv head = h // (QH // KVH); fp32 softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._dispatch import check, empty, check_same_device, use_triton
+
+
+def _p2(n: int) -> int:
+    return max(1, 1 << (n - 1).bit_length())
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, f"caches must be (NB, BS, KVH, D), got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    check(k_cache.dtype == v_cache.dtype, "k_cache and v_cache dtypes differ")
+    check(k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous")
+
+
+def store_kv_torch(k, v, k_cache, v_cache, slot_mapping) -> None:
+    nb, bs, kvh, d = k_cache.shape
+    keep = slot_mapping >= 0
+    idx = slot_mapping[keep]
+    k_cache.view(nb * bs, kvh, d)[idx] = k[keep]
+    v_cache.view(nb * bs, kvh, d)[idx] = v[keep]
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Write k, v (T, KVH, D) into the paged caches at slot_mapping (T,) int64 (-1 = skip)."""
+    check_cache(k_cache, v_cache)
+    _, _, kvh, d = k_cache.shape
+    check(k.dim() == 3 and k.shape == v.shape and k.shape[1:] == (kvh, d), f"k, v must be (T, {kvh}, {d}), got {tuple(k.shape)}, {tuple(v.shape)}")
+    check(slot_mapping.shape == (k.shape[0],) and slot_mapping.dtype == torch.int64, "slot_mapping must be (T,) int64")
+    check(k.dtype == k_cache.dtype and v.dtype == v_cache.dtype, f"k/v dtype {k.dtype} != cache dtype {k_cache.dtype}")
+    check(k.stride(2) == 1 and v.stride(2) == 1, "k and v must have a contiguous last dim")
+    check_same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    if k.shape[0] == 0:
+        return
+    if not use_triton(k):
+        store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+        return
+    from kernels._tl.attention import store_kv_kernel
+
+    store_kv_kernel[(k.shape[0],)](
+        k, v, k_cache, v_cache, slot_mapping, kvh, d,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), HP=_p2(kvh), DP=_p2(d),
+    )
+
+
+def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
+    b, qh, d = q.shape
+    nb, bs, kvh, _ = k_cache.shape
+    maxb = block_tables.shape[1]
+    tables = block_tables.long().clamp(0, nb - 1)
+    k = k_cache[tables].view(b, maxb * bs, kvh, d)
+    v = v_cache[tables].view(b, maxb * bs, kvh, d)
+    heads = torch.arange(qh, device=q.device) // (qh // kvh)
+    k = k[:, :, heads].float()  # (B, L, QH, D)
+    v = v[:, :, heads].float()
+    s = torch.einsum("bhd,blhd->bhl", q.float(), k) * scale
+    valid = torch.arange(maxb * bs, device=q.device)[None, :] < context_lens.long()[:, None]  # (B, L)
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhl,blhd->bhd", p, v).to(q.dtype)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    """q (B, QH, D) -> (B, QH, D); block_tables (B, MAXB) int32, context_lens (B,) int32."""
+    check_cache(k_cache, v_cache)
+    nb, bs, kvh, d = k_cache.shape
+    check(q.dim() == 3 and q.shape[2] == d, f"q must be (B, QH, D={d}), got {tuple(q.shape)}")
+    b, qh, _ = q.shape
+    check(qh % kvh == 0, f"QH={qh} must be a multiple of KVH={kvh}")
+    check(q.dtype == k_cache.dtype, f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    check(q.stride(2) == 1, "q must have a contiguous last dim")
+    check(block_tables.dim() == 2 and block_tables.shape[0] == b and block_tables.dtype == torch.int32
+          and block_tables.is_contiguous(), "block_tables must be contiguous (B, MAXB) int32")
+    check(context_lens.shape == (b,) and context_lens.dtype == torch.int32, "context_lens must be (B,) int32")
+    check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens)
+    if not use_triton(q):
+        return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+    from kernels._tl.attention import paged_decode_kernel
+
+    out = empty(*q.shape, dtype=q.dtype, device=q.device)
+    if b == 0:
+        return out
+    paged_decode_kernel[(b, qh)](
+        q, k_cache, v_cache, out, block_tables, context_lens, float(scale), kvh, d, block_tables.shape[1],
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        G=qh // kvh, BS=bs, BSP=_p2(bs), DP=_p2(d), num_warps=4,
+    )
+    return out

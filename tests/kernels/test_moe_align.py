@@ -1,0 +1,62 @@
+"""Routing alignment invariants (pure torch, runs on every device)."""
+
+import pytest
+import torch
+
+from kernels.moe_align import dense_lora_align, moe_align, moe_lora_align
+
+
+def _check(al, keys, valid, num_groups, bm):
+    n = keys.numel()
+    sid = al.sorted_ids.cpu()
+    nb = int(al.num_blocks)
+    assert sid.numel() % bm == 0 and al.max_blocks * bm == sid.numel()
+    assert nb <= al.max_blocks
+    real = sid[sid < n]
+    expected = torch.nonzero(valid).squeeze(1) if valid is not None else torch.arange(n)
+    assert sorted(real.tolist()) == expected.tolist(), "every valid pair exactly once"
+    assert (sid[nb * bm :] == n).all(), "tail is all sentinel"
+    prev = -1
+    for blk in range(al.max_blocks):
+        ids = sid[blk * bm : (blk + 1) * bm]
+        if blk >= nb:
+            assert int(al.block_expert[blk]) == -1
+            continue
+        got = ids[ids < n]
+        assert got.numel() > 0, "used blocks are never empty"
+        g = keys[got.long()]
+        assert (g == g[0]).all(), "one group per block"
+        # padding only at the end of a group's last block
+        assert (ids[: got.numel()] < n).all()
+        assert int(g[0]) >= prev, "groups in ascending key order"
+        prev = int(g[0])
+        yield blk, int(g[0]), got
+
+
+@pytest.mark.parametrize("T,K,E,bm", [(1, 1, 4, 16), (1, 2, 6, 4), (7, 2, 5, 4), (12, 3, 6, 16), (40, 2, 3, 8)])
+def test_moe_align(T, K, E, bm, device):
+    ids = torch.randint(0, E, (T, K), dtype=torch.int32, device=device)
+    al = moe_align(ids, E, bm)
+    keys = ids.reshape(-1).long().cpu()
+    counts = torch.bincount(keys, minlength=E)
+    assert int(al.num_blocks) == int(((counts + bm - 1) // bm).sum())
+    for blk, g, got in _check(al, keys, None, E, bm):
+        assert int(al.block_expert[blk]) == g
+        assert got.tolist() == sorted(got.tolist()), "stable order inside a group"
+
+
+@pytest.mark.parametrize("T,K,E,S,bm", [(1, 2, 4, 3, 4), (9, 2, 5, 3, 4), (12, 3, 6, 2, 16)])
+def test_moe_lora_align(T, K, E, S, bm, device):
+    ids = torch.randint(0, E, (T, K), dtype=torch.int32, device=device)
+    slots = torch.randint(-1, S, (T,), dtype=torch.int32, device=device)
+    al = moe_lora_align(ids, slots, E, S, bm)
+    s = slots.long().cpu().repeat_interleave(K)
+    valid = s >= 0
+    keys = ids.reshape(-1).long().cpu() * S + s.clamp(min=0)
+    for blk, g, _ in _check(al, keys, valid, E * S, bm):
+        assert int(al.block_expert[blk]) == g // S and int(al.block_slot[blk]) == g % S
+
+
+def test_dense_align_all_base(device):
+    al = dense_lora_align(torch.full((5,), -1, dtype=torch.int32, device=device), 3, 16)
+    assert int(al.num_blocks) == 0 and (al.sorted_ids == 5).all()

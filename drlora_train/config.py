@@ -1,0 +1,79 @@
+"""The trainer's configuration (one dataclass; the CLI maps flags onto it 1:1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    output: str
+    model: str = "tiny"
+    method: str = "drlora"  # drlora | lora | static
+    # ranks and growth (paper v5 defaults)
+    r_init: int = 8
+    r_target: int = 16
+    r_max: int = 32
+    t_grow: int = 200
+    p_grow: float = 0.1
+    gamma: float = 1.2
+    beta: float = 0.9
+    t_buffer: int = 200
+    frequency: str = "weight"  # weight (paper) | count (public code)
+    importance: str = "product"  # product (paper) | sum (public code)
+    targets: tuple[str, ...] = ("up", "down")
+    alpha: float | None = None  # None: 2 * r_max (scale 2)
+    train_router: bool = False
+    # optimisation
+    max_steps: int = 200
+    batch_size: int = 8
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    seed: int = 0
+    # data and eval
+    eval_fraction: float = 0.1
+    eval_data: str | None = None
+    eval_max_examples: int = 64
+    eval_max_new_tokens: int = 32
+    static_examples: int = 256  # examples the static baseline routes through the frozen base
+    # runtime
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    checkpoint_every: int = 0
+    resume: bool = False
+    log_every: int = 10
+    progress: bool = True
+    push: str | None = None
+    api_key: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ValueError (one line) on inconsistent settings."""
+        if self.method not in ("drlora", "lora", "static"):
+            raise ValueError(f"--method must be drlora, lora or static, got '{self.method}'")
+        if not (1 <= self.r_init <= self.r_target <= self.r_max):
+            raise ValueError(f"need 1 <= r-init <= r-target <= r-max, got {self.r_init}/{self.r_target}/{self.r_max}")
+        for name in ("max_steps", "batch_size", "t_grow", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.t_buffer < 0 or self.checkpoint_every < 0:
+            raise ValueError("--t-buffer and --checkpoint-every must be >= 0")
+        if not (0 < self.p_grow <= 1):
+            raise ValueError(f"--p-grow must be in (0, 1], got {self.p_grow}")
+        if not (0 <= self.beta < 1):
+            raise ValueError(f"--beta must be in [0, 1), got {self.beta}")
+        if not (0 <= self.warmup_ratio < 1) or not (0 <= self.eval_fraction < 1):
+            raise ValueError("--warmup-ratio and --eval-fraction must be in [0, 1)")
+        if self.lr <= 0:
+            raise ValueError("--lr must be > 0")
+        bad = [t for t in self.targets if t not in ("gate", "up", "down")]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"--targets must be a comma list of gate, up, down; got {','.join(self.targets)}")
+        if self.frequency not in ("weight", "count") or self.importance not in ("product", "sum"):
+            raise ValueError("--frequency must be weight|count and --importance product|sum")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got '{self.dtype}'")

@@ -1,0 +1,192 @@
+"""LoRA on OLMoE's fused experts, allocated at r_max with a per-expert active-rank mask.
+
+Each wrapped layer keeps the frozen base `OlmoeExperts` and adds, per target projection p,
+A_p (E, r_max, in) (Kaiming-uniform) and B_p (E, out, r_max) (zero). One boolean mask
+(E, r_max) per layer marks the active ranks; all projections of an expert share it. The
+active ranks of expert e are always the prefix [0, r_e) (growth appends, trimming pops), so
+the mask is equivalent to a rank per expert and packing for the adapter is a slice.
+
+# T tokens, E experts, R rank (r_max), H hidden, I intermediate, K top-k
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from drlora.adapter_format import EXPERT_PROJS
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r_max: int = 32
+    alpha: float | None = None  # None: 2 * r_max, i.e. scale 2 whatever the active rank
+    targets: tuple[str, ...] = ("up", "down")
+
+    @property
+    def scaling(self) -> float:
+        return (self.alpha if self.alpha is not None else 2.0 * self.r_max) / self.r_max
+
+
+class MoeLoraExperts(nn.Module):
+    """Drop-in replacement of `OlmoeExperts` (same forward signature) with masked LoRA."""
+
+    def __init__(self, base: nn.Module, spec: LoraSpec):
+        super().__init__()
+        for p in spec.targets:
+            if p not in EXPERT_PROJS:
+                raise ValueError(f"unknown expert projection '{p}' (expected {EXPERT_PROJS})")
+        self.base = base
+        for prm in base.parameters():
+            prm.requires_grad_(False)
+        self.spec = spec
+        self.scaling = spec.scaling
+        E, H, I, R = base.num_experts, base.hidden_dim, base.intermediate_dim, spec.r_max
+        self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
+        dims = {"gate": (H, I), "up": (H, I), "down": (I, H)}
+        dev = base.gate_up_proj.device
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for p in spec.targets:
+            i, o = dims[p]
+            self.lora_A[p] = nn.Parameter(torch.empty(E, R, i, device=dev, dtype=torch.float32))
+            self.lora_B[p] = nn.Parameter(torch.zeros(E, o, R, device=dev, dtype=torch.float32))
+        self.register_buffer("mask", torch.zeros(E, R, dtype=torch.bool, device=dev))
+        # routing statistics of the current step (summed over micro-batches); see saliency.py
+        self.register_buffer("route_sum", torch.zeros(E, dtype=torch.float64, device=dev),
+                             persistent=False)
+        self.register_buffer("route_count", torch.zeros(E, dtype=torch.float64, device=dev),
+                             persistent=False)
+        self.register_buffer("route_tokens", torch.zeros((), dtype=torch.float64, device=dev),
+                             persistent=False)
+        self.token_mask: torch.Tensor | None = None  # (T,) valid tokens of the current batch
+        self.record = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for p in self.spec.targets:
+            A = self.lora_A[p]  # E, R, in
+            bound = 1.0 / math.sqrt(A.shape[-1])  # kaiming_uniform_(a=sqrt(5)) on (R, in)
+            A.uniform_(-bound, bound, generator=generator)
+            self.lora_B[p].zero_()
+
+    def ranks(self) -> torch.Tensor:
+        return self.mask.sum(-1)  # E
+
+    @torch.no_grad()
+    def set_ranks(self, ranks: torch.Tensor) -> None:
+        """Activate the prefix [0, r_e) of every expert. Ranks that become inactive have their
+        B columns zeroed (trim); newly active ones start with B = 0 (a no-op)."""
+        R = self.spec.r_max
+        ranks = ranks.to(self.mask.device)
+        new = torch.arange(R, device=self.mask.device)[None, :] < ranks[:, None]  # E, R
+        dropped = self.mask & ~new
+        for p in self.spec.targets:
+            self.lora_B[p].masked_fill_(dropped[:, None, :], 0.0)
+        self.mask.copy_(new)
+
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        """Zero the grads of inactive ranks (the forward masking already does; this is the
+        belt to its braces, e.g. against weight decay or a trimmed rank)."""
+        m = self.mask
+        for p in self.spec.targets:
+            A, B = self.lora_A[p], self.lora_B[p]
+            if A.grad is not None:
+                A.grad.mul_(m[:, :, None])
+            if B.grad is not None:
+                B.grad.mul_(m[:, None, :])
+
+    def _delta(self, p: str, e: int, x: torch.Tensor, A_m: dict[str, torch.Tensor]) -> torch.Tensor:
+        # x: n, in -> n, out
+        return (x @ A_m[p][e].T.to(x.dtype)) @ self.lora_B[p][e].T.to(x.dtype) * self.scaling
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        # hidden_states: T, H; top_k_index, top_k_weights: T, K
+        base, E, I = self.base, self.num_experts, self.intermediate_dim
+        if self.record:
+            self._record(top_k_index, top_k_weights)
+        A_m = {p: self.lora_A[p] * self.mask[:, :, None] for p in self.spec.targets}  # E, R, in
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            hit = torch.bincount(top_k_index.flatten(), minlength=E).nonzero().flatten().tolist()
+        for e in hit:
+            tok, pos = torch.where(top_k_index == e)  # n
+            x = hidden_states[tok]  # n, H
+            gate_up = x @ base.gate_up_proj[e].T  # n, 2I
+            gate, up = gate_up[:, :I], gate_up[:, I:]
+            if "gate" in A_m:
+                gate = gate + self._delta("gate", e, x, A_m)
+            if "up" in A_m:
+                up = up + self._delta("up", e, x, A_m)
+            h = base.act_fn(gate) * up  # n, I
+            y = h @ base.down_proj[e].T  # n, H
+            if "down" in A_m:
+                y = y + self._delta("down", e, h, A_m)
+            y = y * top_k_weights[tok, pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+    @torch.no_grad()
+    def _record(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        # per-expert routing weight summed over valid tokens (0 where not selected), and counts
+        w = top_k_weights.detach().double()  # T, K
+        valid = torch.ones(w.shape[0], dtype=torch.float64, device=w.device)
+        if self.token_mask is not None and self.token_mask.numel() == w.shape[0]:
+            valid = self.token_mask.to(w.device, torch.float64)
+        E = self.num_experts
+        idx = top_k_index.flatten()
+        self.route_sum += torch.bincount(idx, weights=(w * valid[:, None]).flatten(), minlength=E)
+        self.route_count += torch.bincount(idx, weights=valid[:, None].expand_as(w).flatten(),
+                                           minlength=E)
+        self.route_tokens += valid.sum()
+
+    def clear_route_stats(self) -> None:
+        self.route_sum.zero_()
+        self.route_count.zero_()
+        self.route_tokens.zero_()
+
+
+def attach_lora(model: nn.Module, spec: LoraSpec) -> list[MoeLoraExperts]:
+    """Freeze the model and swap every layer's experts for a MoeLoraExperts (in place)."""
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    wrapped = []
+    for layer in model.model.layers:
+        mod = MoeLoraExperts(layer.mlp.experts, spec)
+        layer.mlp.experts = mod
+        wrapped.append(mod)
+    return wrapped
+
+
+def lora_parameters(layers: list[MoeLoraExperts]) -> list[nn.Parameter]:
+    return [prm for m in layers for d in (m.lora_A, m.lora_B) for prm in d.values()]
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [layer.mlp.gate.weight for layer in model.model.layers]
+
+
+def all_ranks(layers: list[MoeLoraExperts]) -> torch.Tensor:
+    return torch.stack([m.ranks().cpu() for m in layers])  # L, E
+
+
+@torch.no_grad()
+def adapter_tensors(layers: list[MoeLoraExperts], model: nn.Module | None = None,
+                    train_router: bool = False) -> dict[str, torch.Tensor]:
+    """Pack the active ranks into the adapter format's tensors (see drlora.adapter_format)."""
+    out: dict[str, torch.Tensor] = {}
+    for l, m in enumerate(layers):
+        r = m.ranks().tolist()
+        for p in m.spec.targets:
+            A, B = m.lora_A[p], m.lora_B[p]
+            out[f"layers.{l}.experts.{p}.lora_A"] = torch.cat([A[e, :r[e]] for e in range(len(r))])
+            out[f"layers.{l}.experts.{p}.lora_B"] = torch.cat([B[e, :, :r[e]] for e in range(len(r))], 1)
+        if train_router and model is not None:
+            out[f"layers.{l}.router.weight"] = model.model.layers[l].mlp.gate.weight.detach().float()
+    return {k: v.detach().cpu().float().contiguous() for k, v in out.items()}

@@ -1,0 +1,84 @@
+"""The run's outputs: the adapter folder, the rank heatmap and history, the log, `--push`."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from drlora.adapter_format import AdapterConfig, write_adapter
+from drlora.models import MoeShape
+
+HISTORY_NAME = "rank_history.json"
+HEATMAP_NAME = "ranks.png"
+LOG_NAME = "train_log.jsonl"
+
+
+def build_config(base_model: str, shape: MoeShape, ranks: torch.Tensor, targets: tuple[str, ...],
+                 scaling: float, train_router: bool, provenance: dict) -> AdapterConfig:
+    per_layer = [[int(x) for x in row] for row in ranks.tolist()]
+    return AdapterConfig(base_model=base_model, base_shape=shape, method=provenance["method"],
+                         scaling=float(scaling), ranks={p: per_layer for p in targets},
+                         train_router=train_router, dtype="float32", provenance=provenance)
+
+
+def write_outputs(out: Path, cfg: AdapterConfig, tensors: dict[str, torch.Tensor],
+                  history: list[dict]) -> Path:
+    write_adapter(out, cfg, tensors)
+    (out / HISTORY_NAME).write_text(json.dumps(history))
+    heatmap(torch.tensor(history[-1]["ranks"]), out / HEATMAP_NAME,
+            title=f"{cfg.method}: active rank per expert (step {history[-1]['step']})")
+    return out
+
+
+def heatmap(ranks: torch.Tensor, path: Path, title: str) -> None:
+    """Layers x experts image of the ranks (matplotlib, Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L, E = ranks.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, E * 0.18 + 2), max(2.5, L * 0.3 + 1.5)))
+    im = ax.imshow(ranks.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class JsonlLog:
+    """Append-only JSONL log (one object per line); resuming appends to the same file."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, rec: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+def push(url: str, name: str, path: Path, api_key: str | None, timeout: float = 60.0) -> str:
+    """POST the adapter to a running server's load endpoint; return a one-line result."""
+    body = json.dumps({"lora_name": name, "lora_path": str(path.resolve()), "load_inplace": True}).encode()
+    req = urllib.request.Request(url.rstrip("/") + "/v1/load_lora_adapter", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return f"push: loaded '{name}' into {url} (HTTP {resp.status})"
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip().replace("\n", " ")[:300]
+        return f"push: {url} refused '{name}' (HTTP {exc.code}): {detail}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"push: could not reach {url} ({getattr(exc, 'reason', exc)})"

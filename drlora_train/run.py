@@ -1,0 +1,142 @@
+"""One training run end to end: load, train with growth, evaluate, write the adapter."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from drlora.models import MoeShape, resolve_model
+from drlora_train import checkpoint as ckpt
+from drlora_train import distributed as dd
+from drlora_train.config import TrainConfig
+from drlora_train.data import load_data
+from drlora_train.evaluate import EvalConfig, evaluate
+from drlora_train.growth import GrowthParams
+from drlora_train.lora import LoraSpec, all_ranks, attach_lora
+from drlora_train.report import JsonlLog, LOG_NAME, build_config, push, write_outputs
+from drlora_train.saliency import SaliencyState
+from drlora_train.trainer import (Run, checkpoint_state, describe, final_tensors, growth_event,
+                                  init_ranks, make_optimizer, plan, restore, train_step)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(cfg: TrainConfig, d: dd.Dist) -> torch.device:
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and d.on:
+        dev = f"cuda:{d.local_rank}"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    return torch.device(dev)
+
+
+def load_model(path: Path, cfg: TrainConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    model.config.use_cache = False
+    return model, tok
+
+
+def say(msg: str, d: dd.Dist) -> None:
+    if d.main:
+        print(msg, flush=True)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training; return a summary (final ranks, eval metrics, output path)."""
+    cfg.check()
+    d = dd.init(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(cfg, d)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out = Path(cfg.output)
+    mpath = resolve_model(cfg.model)
+    shape = MoeShape.from_model_dir(mpath)
+    model, tok = load_model(mpath, cfg, device)
+    train_ex, eval_ex = load_data(cfg.data, tok, cfg.max_length, cfg.eval_fraction, cfg.seed, cfg.eval_data)
+    torch.manual_seed(cfg.seed)  # the LoRA init: identical on every process
+    spec = LoraSpec(cfg.r_max, cfg.alpha, tuple(cfg.targets))
+    layers = attach_lora(model, spec)
+    model.train()
+    warm, sched = plan(cfg)
+    opt, lr_sched = make_optimizer(cfg, model, layers, cfg.max_steps, warm)
+    E, P = shape.num_experts, len(cfg.targets)
+    run = Run(model, layers, opt, lr_sched, SaliencyState.zeros(len(layers), P, E, cfg.r_max))
+    gp = GrowthParams(cfg.r_init, cfg.r_target, cfg.r_max, cfg.p_grow)
+    log = JsonlLog(out / LOG_NAME, d.main)
+    state = ckpt.load(out) if cfg.resume else None
+    if cfg.resume and state is None:
+        say(f"--resume: no checkpoint in {out / ckpt.CKPT_DIR}; starting from step 0", d)
+    if state is not None:
+        restore(run, state, cfg)
+        say(f"resumed from step {run.step}", d)
+    else:
+        init_ranks(run, cfg, gp, train_ex, tok.pad_token_id, device, d)
+        say(describe(cfg, shape), d)
+        if cfg.method == "drlora":
+            for n in sched.notes:
+                say(f"schedule: {n}", d)
+            say(f"schedule: warm-up {warm} steps, growth at steps {list(sched.events)}", d)
+            log.write({"event": "schedule", "t_warmup": sched.t_warmup, "t_end": sched.t_end,
+                       "t_grow": sched.t_grow, "events": list(sched.events), "notes": sched.notes})
+    bar = None
+    if cfg.progress and d.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.method, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    while run.step < cfg.max_steps:
+        loss = train_step(run, cfg, train_ex, tok.pad_token_id, device, d, warm)
+        rec = {"step": run.step, "loss": round(loss, 6), "lr": run.scheduler.get_last_lr()[0],
+               "rank_total": int(all_ranks(layers).sum())}
+        if cfg.method == "drlora" and run.step in sched.events:
+            last = run.step == sched.events[-1]
+            ev = growth_event(run, cfg, gp, len(sched.events), last)
+            run.history.append(ev)
+            rec.update(event="growth", grown=ev["grown"], rank_total=int(all_ranks(layers).sum()))
+        log.write(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", ranks=rec["rank_total"])
+            if run.step % cfg.log_every == 0 or "event" in rec:
+                bar.write(json.dumps(rec))
+        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.max_steps:
+            if d.main:
+                ckpt.save(out, checkpoint_state(run, cfg))
+    if bar is not None:
+        bar.close()
+    secs = time.perf_counter() - t0
+    if cfg.method != "drlora" or run.history[-1]["step"] != run.step:
+        run.history.append({"step": run.step, "grown": 0, "ranks": all_ranks(layers).tolist()})
+    metrics = evaluate(model, tok, eval_ex, EvalConfig(cfg.eval_max_examples, cfg.eval_max_new_tokens),
+                       device)
+    summary = {"output": str(out), "steps": run.step, "train_seconds": round(secs, 2),
+               "ranks": all_ranks(layers).tolist(), "eval": metrics}
+    if d.main:
+        prov = {"trainer": "drlora_train", "method": cfg.method, "r_init": cfg.r_init,
+                "r_target": cfg.r_target, "r_max": cfg.r_max, "steps": run.step, "seed": cfg.seed,
+                "data": str(Path(cfg.data).resolve()), "eval": metrics, "lr": cfg.lr,
+                "batch_size": cfg.batch_size, "world_size": d.world,
+                "growth": {"t_grow": sched.t_grow, "p_grow": cfg.p_grow, "gamma": cfg.gamma,
+                           "beta": cfg.beta, "events": list(sched.events),
+                           "frequency": cfg.frequency, "importance": cfg.importance}}
+        base_name = str(mpath) if Path(cfg.model).exists() else cfg.model
+        acfg = build_config(base_name, shape, all_ranks(layers), tuple(cfg.targets), layers[0].scaling,
+                            cfg.train_router, prov)
+        write_outputs(out, acfg, final_tensors(run, cfg), run.history)
+        log.write({"event": "done", **summary})
+        say(f"wrote {out} ({acfg.total_ranks()} ranks, {acfg.num_parameters()} params) eval {metrics}", d)
+        if cfg.push:
+            say(push(cfg.push, out.name, out, cfg.api_key), d)
+    dd.shutdown(d)
+    return summary

@@ -1,0 +1,113 @@
+"""The FastAPI application: lifespan (engine start/stop, adapter watcher), small routes
+(/health, /metrics, /v1/models, /version) and the wiring of the other modules."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from drlora_serve.types import EngineClient
+from server import adapters, chat, completions
+from server.adapters import AdapterWatcher
+from server.auth import ApiKeyMiddleware
+from server.errors import install_handlers
+from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.state import ServerConfig, ServerState, get_state
+
+log = logging.getLogger("drlora.server")
+EngineFactory = Callable[[], EngineClient | Awaitable[EngineClient]]
+
+
+def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
+    """`engine_factory` builds the engine inside the lifespan (model loading happens after
+    uvicorn has bound the port, and in the server's event loop)."""
+    holder: dict[str, ServerState] = {}
+
+    def current_engine() -> EngineClient | None:
+        st = holder.get("state")
+        return st.engine if st is not None and st.ready else None
+
+    metrics = ServerMetrics(current_engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = engine_factory()
+        if inspect.isawaitable(engine):
+            engine = await engine
+        await engine.start()
+        metrics.model_name = engine.model_name
+        state = ServerState(engine=engine, config=config, metrics=metrics)
+        holder["state"] = app.state.drlora = state
+        if config.adapters_dir:
+            state.watcher = AdapterWatcher(engine, config.adapters_dir, config.watch_interval)
+            await state.watcher.start()
+        state.ready = True
+        log.info("serving %s (%d adapters) on http://%s:%d", engine.model_name,
+                 len(engine.list_adapters()), config.host, config.port)
+        try:
+            yield
+        finally:
+            # uvicorn has stopped accepting and waited (up to --shutdown-timeout) for open
+            # requests; whatever is still running is aborted by the engine's shutdown.
+            state.ready = False
+            if state.watcher is not None:
+                await state.watcher.stop()
+            try:
+                await asyncio.wait_for(engine.shutdown(graceful=True), config.shutdown_timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                log.warning("engine did not drain in %.0fs; aborting", config.shutdown_timeout)
+                await engine.shutdown(graceful=False)
+
+    app = FastAPI(title="drlora", version=_version(), lifespan=lifespan,
+                  description="OpenAI-compatible server for per-expert-rank MoE LoRA adapters")
+    install_handlers(app)
+    keys = [config.api_key] if config.api_key else []
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, api_keys=keys)
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        st = getattr(request.app.state, "drlora", None)
+        return Response(status_code=200 if st is not None and st.ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": _version()}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> JSONResponse:
+        state = get_state(request)
+        base = state.base_name
+        now = int(time.time())
+        data = [{"id": base, "object": "model", "created": now, "owned_by": "drlora",
+                 "root": config.model_path or base, "parent": None,
+                 "max_model_len": state.engine.max_model_len}]
+        for a in sorted(state.engine.list_adapters(), key=lambda a: a.name):
+            data.append({"id": a.name, "object": "model", "created": now, "owned_by": "drlora",
+                         "root": a.path, "parent": base, "max_model_len": state.engine.max_model_len})
+        return JSONResponse({"object": "list", "data": data})
+
+    app.include_router(completions.router)
+    app.include_router(chat.router)
+    app.include_router(adapters.router)
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("drlora")
+    except Exception:  # noqa: BLE001
+        return "0+unknown"

@@ -1,0 +1,127 @@
+"""POST /v1/chat/completions: the tokenizer's chat template, streaming with the role first."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from drlora_serve.types import RequestOutput, TokenLogprob
+from server import generation as g
+from server.errors import bad_request, sse_error
+from server.protocol import ChatCompletionRequest
+from server.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def render(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+    tok = state.engine.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise bad_request("This model has no chat template; use /v1/completions", "messages")
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                for m in req.messages]
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False,
+                                       add_generation_prompt=req.add_generation_prompt)
+    except Exception as exc:  # a template may raise on messages it does not accept
+        raise bad_request(f"The chat template refused the messages: {exc}", "messages") from None
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _logprobs(state: ServerState, ids: list[int], entries: list[TokenLogprob] | None,
+              k: int) -> list[dict]:
+    content = []
+    for i, tid in enumerate(ids):
+        e = entries[i] if entries is not None and i < len(entries) else None
+        text = state.token_text(tid)
+        item = {"token": text, "logprob": e.logprob if e else None,
+                "bytes": list(text.encode("utf-8")), "top_logprobs": []}
+        if e is not None and k:
+            top = sorted(e.top.items(), key=lambda kv: -kv[1])[:k]
+            item["top_logprobs"] = [{"token": (t := state.token_text(t_id)), "logprob": lp,
+                                     "bytes": list(t.encode("utf-8"))} for t_id, lp in top]
+        content.append(item)
+    return content
+
+
+def _usage(ids: list[int], out: RequestOutput | None) -> dict:
+    ct = sum(len(o.token_ids) for o in out.outputs) if out else 0
+    return {"prompt_tokens": len(ids), "completion_tokens": ct, "total_tokens": len(ids) + ct}
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(req: ChatCompletionRequest, request: Request):
+    state = get_state(request)
+    adapter = state.adapter_for(req.model)
+    model = req.model or state.base_name
+    ids = render(state, req)
+    max_tokens = g.check_prompt(state, ids, req.token_limit(), "messages", "messages")
+    k = req.top_logprobs or 0
+    params = g.sampling_params(req, max_tokens, k if req.logprobs else None)
+    rid = g.new_id("chatcmpl")
+    its = await g.start_all([g.run(state, ids, params, rid, adapter)])
+    stream = g.merge(its)
+    if req.stream:
+        return StreamingResponse(_stream(state, req, rid, model, ids, stream),
+                                 media_type="text/event-stream")
+    outs = await g.collect(request, stream)
+    out = outs.get(0)
+    choices = []
+    for o in (out.outputs if out else []):
+        lp = {"content": _logprobs(state, o.token_ids, o.logprobs, k)} if req.logprobs else None
+        choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
+                        "logprobs": lp, "finish_reason": o.finish_reason})
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
+                         "model": model, "choices": choices, "usage": _usage(ids, out)})
+
+
+async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, model: str,
+                  ids: list[int], stream: AsyncIterator[tuple[int, RequestOutput]]):
+    created = int(time.time())
+    k = req.top_logprobs or 0
+    opts = req.stream_options
+    sent_text: dict[int, int] = {}
+    sent_toks: dict[int, int] = {}
+    finished: set[int] = set()
+    last: RequestOutput | None = None
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        for i in range(req.n):  # the role comes first, before any content
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}])
+        async for _, out in stream:
+            last = out
+            for o in out.outputs:
+                if o.index in finished:
+                    continue
+                st, sk = sent_text.get(o.index, 0), sent_toks.get(o.index, 0)
+                text, new_ids = o.text[st:], o.token_ids[sk:]
+                sent_text[o.index], sent_toks[o.index] = len(o.text), len(o.token_ids)
+                if o.finish_reason is not None:
+                    finished.add(o.index)
+                if not text and not new_ids and o.finish_reason is None:
+                    continue
+                lp = None
+                if req.logprobs:
+                    lp = {"content": _logprobs(state, new_ids, (o.logprobs or [])[sk:], k)}
+                usage = _usage(ids, out) if opts and opts.include_usage and opts.continuous_usage_stats else None
+                yield chunk([{"index": o.index, "delta": {"content": text} if text else {},
+                              "logprobs": lp, "finish_reason": o.finish_reason}], usage)
+        if opts and opts.include_usage:
+            yield chunk([], _usage(ids, last))
+    except Exception as exc:  # noqa: BLE001 - reported inside the stream
+        yield sse_error(exc)
+    finally:
+        await stream.aclose()
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,178 @@
+"""`drlora-serve`: parse vLLM-style flags onto EngineArgs + ServerConfig and run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from drlora_serve.config import EngineArgs
+from server.state import ServerConfig
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the usage too)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """`name=path` or vLLM's JSON form `{"name": ..., "path": ...}`."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            d = json.loads(text)
+            name, path = d["name"], d["path"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f"bad --lora-modules JSON {text!r} (need name and path)")
+    else:
+        name, sep, path = text.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"bad --lora-modules entry {text!r} (expected name=path)")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"bad --lora-modules entry {text!r} (empty name or path)")
+    return str(name), str(path)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}")
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="drlora-serve", description="OpenAI-compatible server for MoE LoRA adapters "
+                "with per-expert ranks (vLLM's multi-LoRA API).")
+    a = p.add_argument
+    a("--model", default="tiny", help="tiny, an alias (olmoe, olmoe-instruct), a folder or a hub id")
+    a("--served-model-name", default=None, help="name of the base model in the API (default: --model)")
+    a("--adapters", default=None, help="folder whose subfolders are adapters; watched for changes")
+    a("--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=PATH",
+      help='adapters to load at start: name=path or \'{"name": .., "path": ..}\'')
+    a("--lora-root", action="append", default=[], help="allowed root for load_lora_adapter paths "
+      "(repeatable; default: --adapters plus the parents of --lora-modules)")
+    a("--watch-interval", type=_positive(float), default=2.0, help="seconds between adapter folder polls")
+    a("--host", default="127.0.0.1", help="bind address (0.0.0.0 to listen on all interfaces)")
+    a("--port", type=int, default=8000)
+    a("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+      "(default: $DRLORA_API_KEY or $VLLM_API_KEY)")
+    a("--max-loras", type=_positive(int), default=EngineArgs.max_loras)
+    a("--max-cpu-loras", type=_positive(int), default=EngineArgs.max_cpu_loras)
+    a("--max-lora-rank", type=_positive(int), default=EngineArgs.max_lora_rank)
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--gpu-memory-utilization", type=_positive(float), default=EngineArgs.gpu_memory_utilization)
+    a("--max-model-len", type=_positive(int), default=None)
+    a("--max-num-seqs", type=_positive(int), default=EngineArgs.max_num_seqs)
+    a("--max-num-batched-tokens", type=_positive(int), default=EngineArgs.max_num_batched_tokens)
+    a("--block-size", type=_positive(int), default=EngineArgs.block_size)
+    a("--num-kv-blocks", type=_positive(int), default=None)
+    a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    a("--seed", type=int, default=EngineArgs.seed)
+    a("--enforce-eager", action="store_true")
+    a("--enable-lora", action="store_true", help="accepted for vLLM compatibility (always on)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--allow-runtime-lora-updating", dest="runtime_updates", action="store_true",
+                   default=None, help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                   "(the default, unless $VLLM_ALLOW_RUNTIME_LORA_UPDATING is false)")
+    g.add_argument("--disable-runtime-lora-updating", dest="runtime_updates", action="store_false",
+                   help="answer 403 on the load/unload endpoints")
+    a("--shutdown-timeout", type=_positive(float), default=30.0,
+      help="seconds to let in-flight requests finish on shutdown before aborting them")
+    a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _env_flag(*names: str) -> bool | None:
+    for n in names:
+        v = os.environ.get(n, "").strip().lower()
+        if v in TRUE:
+            return True
+        if v in FALSE:
+            return False
+    return None
+
+
+def configure(argv: list[str] | None = None) -> tuple[EngineArgs, ServerConfig]:
+    """Parse and check flags; exits 2 with a one-line error on bad ones."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be in 1..65535, got {args.port}")
+    if args.gpu_memory_utilization > 1:
+        parser.error("--gpu-memory-utilization must be in (0, 1]")
+    from drlora.models import ModelNotFoundError, resolve_model
+
+    try:
+        model_path = str(resolve_model(args.model))
+    except ModelNotFoundError as exc:
+        parser.error(f"--model: {exc}")
+    adapters = None
+    if args.adapters:
+        ad = Path(args.adapters).expanduser()
+        if ad.exists() and not ad.is_dir():
+            parser.error(f"--adapters: {ad} is not a folder")
+        ad.mkdir(parents=True, exist_ok=True)
+        adapters = str(ad.resolve())
+    modules: dict[str, str] = {}
+    for name, path in args.lora_modules:
+        if not Path(path).expanduser().is_dir():
+            parser.error(f"--lora-modules: {name}: {path} is not a folder")
+        modules[name] = str(Path(path).expanduser().resolve())
+    roots = [str(Path(r).expanduser().resolve()) for r in args.lora_root]
+    if not roots:
+        roots = ([adapters] if adapters else []) + sorted({str(Path(p).parent) for p in modules.values()})
+    runtime = args.runtime_updates
+    if runtime is None:
+        env = _env_flag("DRLORA_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+        runtime = True if env is None else env
+    engine_args = EngineArgs(
+        model=args.model, served_model_name=args.served_model_name, adapters_dir=None,
+        lora_modules=modules, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+        max_lora_rank=args.max_lora_rank, dtype=args.dtype, device=args.device,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+        seed=args.seed)
+    config = ServerConfig(
+        host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("DRLORA_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
+        base_aliases=[args.model, model_path], model_path=model_path, adapters_dir=adapters,
+        watch_interval=args.watch_interval, lora_roots=roots, allow_runtime_lora_updating=runtime,
+        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    return engine_args, config
+
+
+def main(argv: list[str] | None = None) -> None:
+    engine_args, config = configure(argv)
+    level = config.log_level
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from server.app import build_app
+
+    def make_engine():
+        from drlora_serve.async_engine import AsyncLLMEngine
+
+        return AsyncLLMEngine.from_args(engine_args)
+
+    app = build_app(make_engine, config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=level,
+                timeout_graceful_shutdown=config.shutdown_timeout, access_log=level == "debug")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""OpenAI-style error bodies and the exception handlers that produce them.
+
+Every error the server returns is `{"error": {"message", "type", "param", "code"}}` with the
+HTTP status in `code`, like vLLM's OpenAI server. Validation errors are 400 (not FastAPI's
+422) so that clients written against OpenAI/vLLM see the status they expect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from drlora.adapter_format import AdapterFormatError, NotAnAdapterError
+from drlora_serve.types import AdapterNotFoundError, InvalidRequestError
+
+log = logging.getLogger("drlora.server")
+
+TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    422: "UnprocessableEntityError",
+    499: "ClientClosedRequest",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class APIError(Exception):
+    """Raised by handlers; rendered as an OpenAI-style error body with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type_: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type_ or TYPES.get(status, "APIError")
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(404, f"The model `{name}` does not exist.", "model")
+
+
+def error_body(status: int, message: str, param: str | None = None,
+               type_: str | None = None) -> dict:
+    return {"error": {"message": message,
+                      "type": type_ or TYPES.get(status, "APIError"),
+                      "param": param,
+                      "code": status}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.type),
+                        status_code=exc.status)
+
+
+def from_exception(exc: BaseException) -> APIError:
+    """Map engine / adapter-format exceptions onto HTTP statuses (unknown ones: 500)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, AdapterNotFoundError):
+        return APIError(404, str(exc), "model")
+    if isinstance(exc, NotAnAdapterError):
+        return APIError(404, str(exc), "lora_path")
+    if isinstance(exc, (InvalidRequestError, AdapterFormatError)):
+        return APIError(400, str(exc))
+    log.exception("unexpected error while serving a request", exc_info=exc)
+    return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
+
+
+def sse_error(exc: BaseException) -> str:
+    """An error inside a stream that has already started (the status is already sent)."""
+    e = from_exception(exc)
+    return f"data: {json.dumps(error_body(e.status, e.message, e.param, e.type))}\n\n"
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "Invalid request", None
+    first = errs[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return f"Malformed JSON body: {first.get('msg', '')}".strip(), None
+    where = ".".join(loc)
+    msg = first.get("msg", "invalid value")
+    more = f" (+{len(errs) - 1} more errors)" if len(errs) > 1 else ""
+    return (f"{where}: {msg}{more}" if where else f"{msg}{more}"), (loc[0] if loc else None)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(APIError(400, message, param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse(error_body(exc.status_code, detail), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(InvalidRequestError)
+    @app.exception_handler(AdapterNotFoundError)
+    @app.exception_handler(AdapterFormatError)
+    async def _engine(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(from_exception(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(from_exception(exc))

@@ -1,0 +1,112 @@
+"""Prometheus metrics under vLLM's names (`vllm:*`), so that dashboards and Kubernetes'
+Gateway API Inference Extension (which routes on `vllm:num_requests_waiting`,
+`vllm:kv_cache_usage_perc` and `vllm:lora_requests_info`) work unchanged.
+
+Latency histograms are observed by the server per request; gauges and token counters are read
+from `engine.stats()` at scrape time, so they never drift from the engine's own accounting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
+                               generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from drlora_serve.types import EngineClient
+
+disable_created_metrics()  # no *_created series (vLLM exports none either)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+               0.75, 1.0, 2.5, 5.0, 10.0)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0)
+
+
+class EngineCollector(Collector):
+    """Gauges and counters read from the engine's stats at scrape time."""
+
+    def __init__(self, engine: Callable[[], EngineClient | None]) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterable[Metric]:
+        engine = self.engine()
+        if engine is None:
+            return
+        s = engine.stats()
+        name = [engine.model_name]
+
+        def gauge(metric: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(metric, doc, labels=["model_name"])
+            g.add_metric(name, value)
+            return g
+
+        def counter(metric: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(metric, doc, labels=["model_name"])
+            c.add_metric(name, value)
+            return c
+
+        yield gauge("vllm:num_requests_running", "Requests in the running batch.", s.num_running)
+        yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage (1 means 100 percent).",
+                    s.kv_cache_usage)
+        yield counter("vllm:prompt_tokens", "Prefill tokens processed.", s.prompt_tokens_total)
+        yield counter("vllm:generation_tokens", "Generated tokens.", s.generation_tokens_total)
+        yield counter("vllm:num_preemptions", "Preemptions by the scheduler.",
+                      s.num_preemptions_total)
+        # vLLM's convention: one sample whose labels carry the adapter lists and whose value
+        # is the time of the reading (the gateway takes the newest sample).
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info", "Running stats on LoRA requests.",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        info.add_metric([",".join(sorted(set(s.running_adapters))),
+                         ",".join(sorted(set(s.waiting_adapters))), str(s.max_loras)], time.time())
+        yield info
+
+
+class ServerMetrics:
+    def __init__(self, engine: Callable[[], EngineClient | None]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.model_name = ""
+        self.inflight = 0
+        labels = ["model_name"]
+        r = self.registry
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.",
+                              labels, buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.",
+                             labels, buckets=ITL_BUCKETS, registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds",
+                              "Time per output token (same as inter_token_latency; older name).",
+                              labels, buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.",
+                             labels, buckets=E2E_BUCKETS, registry=r)
+        self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
+                               ["model_name", "finished_reason"], registry=r)
+        r.register(EngineCollector(engine))
+
+    def request_started(self, adapter: str | None) -> None:
+        self.inflight += 1
+
+    def request_done(self, adapter: str | None) -> None:
+        self.inflight -= 1
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.labels(self.model_name).observe(seconds)
+
+    def inter_token(self, seconds: float, count: int) -> None:
+        itl, tpot = self.itl.labels(self.model_name), self.tpot.labels(self.model_name)
+        for _ in range(min(count, 64)):  # a snapshot may carry several tokens
+            itl.observe(seconds)
+            tpot.observe(seconds)
+
+    def request_finished(self, seconds: float, reason: str) -> None:
+        self.e2e.labels(self.model_name).observe(seconds)
+        self.success.labels(self.model_name, reason).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

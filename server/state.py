@@ -1,0 +1,75 @@
+"""Server-wide configuration and the state shared by the route handlers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+from server.errors import APIError, model_not_found
+
+if TYPE_CHECKING:
+    from drlora_serve.types import EngineClient
+    from server.adapters import AdapterWatcher
+    from server.metrics import ServerMetrics
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    base_aliases: list[str] = field(default_factory=list)  # --model literal, resolved path
+    model_path: str | None = None  # resolved base model folder (the base's `root`)
+    adapters_dir: str | None = None  # watched folder
+    watch_interval: float = 2.0
+    lora_roots: list[str] = field(default_factory=list)  # allowed roots for load_lora_adapter
+    allow_runtime_lora_updating: bool = True
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+
+    def allowed_roots(self) -> list[str]:
+        return [os.path.realpath(r) for r in self.lora_roots]
+
+
+@dataclass
+class ServerState:
+    engine: EngineClient
+    config: ServerConfig
+    metrics: ServerMetrics
+    watcher: AdapterWatcher | None = None
+    ready: bool = False
+    _token_text: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def base_name(self) -> str:
+        return self.engine.model_name
+
+    def is_base(self, name: str | None) -> bool:
+        return name is None or name == "" or name == self.base_name or name in self.config.base_aliases
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (cached: logprobs ask for it per token)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.engine.tokenizer.decode([token_id])
+            if len(self._token_text) < 1_000_000:
+                self._token_text[token_id] = text
+        return text
+
+    def adapter_for(self, name: str | None) -> str | None:
+        """The engine adapter a request's `model` field names (None: the base model)."""
+        if self.is_base(name):
+            return None
+        if any(a.name == name for a in self.engine.list_adapters()):
+            return name
+        raise model_not_found(str(name))
+
+
+def get_state(request: Request) -> ServerState:
+    state = getattr(request.app.state, "drlora", None)
+    if state is None or not state.ready:
+        raise APIError(503, "The server is starting up or shutting down")
+    return state

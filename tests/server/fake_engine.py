@@ -1,0 +1,122 @@
+"""FakeEngine: a test double of drlora_serve.types.EngineClient (tests only).
+
+It uses the real tiny tokenizer and emits deterministic tokens (a function of prompt, seed,
+adapter and position), one per snapshot, so that server logic (deltas, logprobs, echo, n,
+errors, aborts) is tested without running a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from drlora.adapter_format import load_config
+from drlora_serve.types import (AdapterInfo, AdapterNotFoundError, CompletionOutput,
+                                EngineStats, InvalidRequestError, RequestOutput, SamplingParams,
+                                TokenLogprob)
+
+
+def _h(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+class FakeEngine:
+    def __init__(self, tokenizer, model_name: str = "tiny", max_model_len: int = 128,
+                 delay: float = 0.0) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.delay = delay
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.started = self.stopped = False
+        self.fail_next = False  # the next generate raises RuntimeError mid-way
+        self.stats_ = EngineStats(max_loras=4)
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def shutdown(self, graceful: bool = True) -> None:
+        self.stopped = True
+
+    def _token(self, prompt, seed, adapter, i, j) -> int:
+        return 5 + _h(tuple(prompt), seed, adapter, i, j) % (len(self.tokenizer) - 5)
+
+    async def generate(self, prompt_token_ids, params: SamplingParams, request_id, adapter=None):
+        params.validate()
+        if adapter is not None and adapter not in self.adapters:
+            raise AdapterNotFoundError(f"adapter {adapter} not found")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError("too long")
+        fail, self.fail_next = self.fail_next, False
+        self.running.add(request_id)
+        lp = lambda t: TokenLogprob(t, -1.0 - (t % 7) / 10, {t: -1.0 - (t % 7) / 10, 1: -2.5})  # noqa: E731
+        prompt_lp = None
+        if params.prompt_logprobs is not None:
+            prompt_lp = [None] + [lp(t) for t in prompt_token_ids[1:]]
+        outs = [CompletionOutput(j, "", [], None, [] if params.logprobs is not None else None)
+                for j in range(params.n)]
+        try:
+            self.stats_.prompt_tokens_total += len(prompt_token_ids)
+            for i in range(max(params.max_tokens, 0) + 1):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                else:
+                    await asyncio.sleep(0)
+                done = i == params.max_tokens
+                for o in outs:
+                    if o.finish_reason is not None:
+                        continue
+                    if done:
+                        o.finish_reason = "length"
+                        continue
+                    if fail and i == 1:
+                        raise RuntimeError("boom")
+                    t = self._token(prompt_token_ids, params.seed, adapter, i, o.index)
+                    o.token_ids.append(t)
+                    o.text = self.tokenizer.decode(o.token_ids)
+                    if o.logprobs is not None:
+                        o.logprobs.append(lp(t))
+                    self.stats_.generation_tokens_total += 1
+                    for s in params.stop:
+                        if s in o.text:
+                            o.text = o.text[:o.text.index(s)]
+                            o.finish_reason = "stop"
+                finished = all(o.finish_reason for o in outs)
+                yield RequestOutput(request_id, list(prompt_token_ids),
+                                    [CompletionOutput(o.index, o.text, list(o.token_ids), o.finish_reason,
+                                                      list(o.logprobs) if o.logprobs is not None else None)
+                                     for o in outs], finished, adapter, prompt_lp)
+                if finished:
+                    return
+        finally:
+            if request_id in self.running and not all(o.finish_reason for o in outs):
+                self.aborted.append(request_id)
+            self.running.discard(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        pass
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return list(self.adapters.values())
+
+    async def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:
+        cfg = load_config(path)  # NotAnAdapterError / AdapterFormatError
+        if name in self.adapters and not replace:
+            raise ValueError(f"adapter {name} already loaded")
+        old = self.adapters.get(name)
+        info = AdapterInfo(name, path, (old.version + 1) if old else 0, cfg.total_ranks(), False)
+        self.adapters[name] = info
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise AdapterNotFoundError(name)
+        del self.adapters[name]
+
+    def stats(self) -> EngineStats:
+        self.stats_.num_running = len(self.running)
+        self.stats_.running_adapters = sorted(a for a in self.adapters)[:1]
+        return self.stats_
+

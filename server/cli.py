@@ -156,7 +156,8 @@ def configure(argv: list[str] | None = None) -> tuple[EngineArgs, ServerConfig]:
     return engine_args, config
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, engine_factory=None) -> None:
+    """`engine_factory(engine_args)` replaces the real engine (tests use a fake one)."""
     engine_args, config = configure(argv)
     level = config.log_level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     from server.app import build_app
 
     def make_engine():
+        if engine_factory is not None:
+            return engine_factory(engine_args)
         from drlora_serve.async_engine import AsyncLLMEngine
 
         return AsyncLLMEngine.from_args(engine_args)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from drlora_serve.types import InvalidRequestError, RequestOutput, SamplingParams
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, from_exception
 from server.state import ServerState
 
 
@@ -118,6 +118,9 @@ async def prime(it: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput
         head = await it.__anext__()
     except StopAsyncIteration:
         return _empty()
+    except Exception as exc:
+        await _close(it)
+        raise from_exception(exc) from None
     except BaseException:
         await _close(it)
         raise
@@ -217,4 +220,7 @@ async def collect(request: Request, stream: AsyncIterator[tuple[int, RequestOutp
     if work.cancelled() or not work.done():
         await asyncio.gather(work, return_exceptions=True)
         raise APIError(499, "Client disconnected; the request was aborted")
-    return work.result()
+    try:
+        return work.result()
+    except Exception as exc:  # one request's failure is that request's 500, nothing more
+        raise from_exception(exc) from None

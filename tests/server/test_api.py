@@ -1,0 +1,206 @@
+"""The HTTP layer in-process (FastAPI TestClient) over the FakeEngine: response formats,
+every error status, load/unload with path confinement, API key, metrics exposition."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import build_app
+from server.state import ServerConfig
+from tests.server.conftest import make_adapter
+from tests.server.fake_engine import FakeEngine
+
+
+@pytest.fixture
+def make_client(tokenizer, tmp_path):
+    clients = []
+
+    def make(**cfg) -> tuple[TestClient, FakeEngine]:
+        engine = FakeEngine(tokenizer)
+        cfg.setdefault("base_aliases", ["tiny", "/models/tiny"])
+        cfg.setdefault("lora_roots", [str(tmp_path / "root")])
+        c = TestClient(build_app(lambda: engine, ServerConfig(**cfg)))
+        c.__enter__()
+        clients.append(c)
+        return c, engine
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+def err(r, status: int, type_: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    e = r.json()["error"]
+    assert set(e) == {"message", "type", "param", "code"} and e["code"] == status
+    if type_:
+        assert e["type"] == type_
+    return e
+
+
+def sse(r) -> list:
+    lines = [ln for ln in r.text.split("\n\n") if ln.strip()]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[len("data: "):]) for ln in lines[:-1]]
+
+
+def test_completion_formats(make_client):
+    c, _ = make_client()
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": ["a b", "c"], "max_tokens": 3, "n": 2})
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "text_completion"
+    assert [ch["index"] for ch in body["choices"]] == [0, 1, 2, 3]
+    assert body["usage"]["completion_tokens"] == 12
+    # token-id prompts and the alias / path of the base model
+    for model in ("/models/tiny", None):
+        r = c.post("/v1/completions", json={"model": model, "prompt": [5, 6, 7], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
+
+
+def test_echo_logprobs_for_lm_eval(make_client, tokenizer):
+    c, _ = make_client()
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hello world", "max_tokens": 0,
+                                        "echo": True, "logprobs": 1, "temperature": 0})
+    ch = r.json()["choices"][0]
+    n = len(tokenizer.encode("hello world"))
+    lp = ch["logprobs"]
+    assert ch["text"] == "hello world"
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == n
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(x, float) for x in lp["token_logprobs"][1:])
+    assert lp["text_offset"][0] == 0 and "".join(lp["tokens"]) == "hello world"
+    # echo + generation: prompt logprobs then generated ones, offsets keep increasing
+    r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2, "echo": True, "logprobs": 2})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(tokenizer.encode("hello")) + 2
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+
+
+def test_streaming_completion_and_chat(make_client):
+    c, _ = make_client()
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": True, "logprobs": 0,
+                                        "stream_options": {"include_usage": True}})
+    chunks = sse(r)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    toks = [t for ch in chunks[:-1] for t in ch["choices"][0]["logprobs"]["tokens"]]
+    assert len(toks) == 4 and chunks[-2]["choices"][0]["finish_reason"] == "length"
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                             "max_tokens": 3, "stream": True, "n": 2})
+    chunks = sse(r)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"][0]["index"] == 0)
+    full = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert full.json()["choices"][0]["message"]["content"] == text
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
+    ({"prompt": [1] * 200, "max_tokens": 1}, 400, "prompt"),
+    ({"prompt": [999999]}, 400, "prompt"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": "x", "presence_penalty": 1.0}, 400, None),
+    ({}, 400, "prompt"),
+])
+def test_errors(make_client, body, status, param):
+    c, _ = make_client()
+    e = err(c.post("/v1/completions", json=body), status)
+    if param:
+        assert e["param"] == param
+    if status == 404:
+        assert e == {"message": "The model `nope` does not exist.", "type": "NotFoundError",
+                     "param": "model", "code": 404}
+
+
+def test_malformed_json_and_engine_failure(make_client):
+    c, engine = make_client()
+    err(c.post("/v1/completions", content=b"{oops", headers={"content-type": "application/json"}), 400, "BadRequestError")
+    err(c.post("/v1/chat/completions", json={"messages": []}), 400)
+    err(c.get("/v1/nothing"), 404)
+    engine.fail_next = True
+    err(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4}), 500, "InternalServerError")
+    assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    engine.fail_next = True  # mid-stream: an error event, then [DONE]
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": True})
+    assert r.status_code == 200 and sse(r)[-1]["error"]["code"] == 500
+
+
+def test_load_unload_and_models(make_client, tmp_path):
+    root = tmp_path / "root"
+    make_adapter(root / "a1", seed=1)
+    c, engine = make_client()
+    ok = c.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(root / "a1")})
+    assert ok.status_code == 200 and "success" in ok.text.lower()
+    err(c.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(root / "a1")}), 400)
+    assert c.post("/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(root / "a1"),
+                                                 "load_inplace": True}).status_code == 200
+    assert engine.adapters["a1"].version == 1
+    models = c.get("/v1/models").json()["data"]
+    a = next(m for m in models if m["id"] == "a1")
+    assert a["object"] == "model" and a["parent"] == "tiny" and a["root"] == str(root / "a1")
+    assert c.post("/v1/completions", json={"model": "a1", "prompt": "x", "max_tokens": 1}).status_code == 200
+    err(c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(root / "missing")}), 404)
+    (root / "bad").mkdir()
+    (root / "bad" / "drlora_adapter.json").write_text("{not json")
+    err(c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(root / "bad")}), 400)
+    err(c.post("/v1/load_lora_adapter", json={"lora_name": "tiny", "lora_path": str(root / "a1")}), 400)
+    assert c.post("/v1/unload_lora_adapter", json={"lora_name": "a1"}).status_code == 200
+    err(c.post("/v1/unload_lora_adapter", json={"lora_name": "a1"}), 404)
+    err(c.post("/v1/completions", json={"model": "a1", "prompt": "x"}), 404)
+
+
+def test_path_confinement(make_client, tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    make_adapter(outside / "evil", seed=2)
+    root.mkdir(exist_ok=True)
+    os.symlink(outside / "evil", root / "link")
+    (root / "half").mkdir()
+    make_adapter(outside / "w", seed=3)
+    os.symlink(outside / "w" / "drlora_adapter.safetensors", root / "half" / "drlora_adapter.safetensors")
+    (root / "half" / "drlora_adapter.json").write_text((outside / "w" / "drlora_adapter.json").read_text())
+    c, engine = make_client()
+    for path in (str(outside / "evil"), str(root / ".." / "outside" / "evil"), str(root / "link"),
+                 str(root / "half"), "/etc", "rel/../../../etc"):
+        err(c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path}), 400)
+    assert engine.adapters == {}
+    c2, _ = make_client(lora_roots=[])
+    err(c2.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(root)}), 400)
+    c3, _ = make_client(allow_runtime_lora_updating=False)
+    err(c3.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(root)}), 403)
+    err(c3.post("/v1/unload_lora_adapter", json={"lora_name": "x"}), 403)
+
+
+def test_api_key(make_client):
+    c, _ = make_client(api_key="sekrit")
+    err(c.get("/v1/models"), 401, "AuthenticationError")
+    err(c.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
+    assert c.get("/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200
+    assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+def test_metrics_exposition(make_client):
+    c, _ = make_client()
+    c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+    families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:time_to_first_token_seconds",
+                 "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
+                 "vllm:e2e_request_latency_seconds", "vllm:request_success", "vllm:num_preemptions",
+                 "vllm:lora_requests_info"):
+        assert name in families, name
+    gen = families["vllm:generation_tokens"].samples[0]
+    assert gen.name == "vllm:generation_tokens_total" and gen.value >= 3 and gen.labels == {"model_name": "tiny"}
+    info = families["vllm:lora_requests_info"].samples[0]
+    assert set(info.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
+    assert info.labels["max_lora"] == "4" and info.value > 1e9

@@ -1,0 +1,93 @@
+"""Paged KV store and decode attention: twin vs loop, Triton vs twin."""
+
+import math
+
+import pytest
+import torch
+
+from kernels import paged_decode_attention, store_kv
+from kernels.paged_attention import paged_decode_attention_torch, store_kv_torch
+from kt_helpers import assert_close
+
+
+def _setup(B, QH, KVH, D, BS, NB, dtype, device, max_ctx=19):
+    lens = torch.randint(0, max_ctx + 1, (B,), dtype=torch.int32)
+    lens[0] = max(1, int(lens[0]))
+    maxb = -(-max_ctx // BS)
+    perm = torch.randperm(NB)[: B * maxb].view(B, maxb).to(torch.int32)  # scattered blocks
+    q = torch.randn(B, QH, D).to(dtype)
+    kc = torch.randn(NB, BS, KVH, D).to(dtype)
+    vc = torch.randn(NB, BS, KVH, D).to(dtype)
+    return [t.to(device) for t in (q, kc, vc, perm, lens)]
+
+
+def _loop_attention(q, kc, vc, tables, lens, scale):
+    B, QH, D = q.shape
+    _, BS, KVH, _ = kc.shape
+    out = torch.zeros(B, QH, D)
+    for b in range(B):
+        n = int(lens[b])
+        if n == 0:
+            continue
+        pos = torch.arange(n)
+        blocks = tables[b].long()[pos // BS]
+        for h in range(QH):
+            kv = h // (QH // KVH)
+            k = kc[blocks, pos % BS, kv].float()
+            v = vc[blocks, pos % BS, kv].float()
+            p = torch.softmax(k @ q[b, h].float() * scale, 0)
+            out[b, h] = p @ v
+    return out
+
+
+@pytest.mark.parametrize("B,QH,KVH,D,BS", [(1, 2, 1, 16, 4), (3, 4, 2, 24, 8), (4, 6, 3, 32, 16)])
+def test_twin_vs_loop(B, QH, KVH, D, BS):
+    q, kc, vc, tables, lens = _setup(B, QH, KVH, D, BS, 3 * B * 5, torch.float32, "cpu")
+    scale = 1 / math.sqrt(D)
+    ref = _loop_attention(q, kc, vc, tables, lens, scale)
+    torch.testing.assert_close(paged_decode_attention_torch(q, kc, vc, tables, lens, scale), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,QH,KVH,D,BS", [(1, 2, 1, 16, 4), (3, 8, 2, 24, 8), (4, 6, 6, 32, 16)])
+def test_decode_triton_vs_twin(B, QH, KVH, D, BS, dtype, triton_on):
+    q, kc, vc, tables, lens = _setup(B, QH, KVH, D, BS, 3 * B * 5, dtype, triton_on)
+    lens[-1] = 0 if B > 1 else lens[-1]  # empty context -> zeros
+    out = paged_decode_attention(q, kc, vc, tables, lens, 0.3)
+    ref = paged_decode_attention_torch(*[t.cpu() for t in (q, kc, vc, tables, lens)], 0.3)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv(dtype, device, monkeypatch):
+    T, KVH, D, NB, BS = 7, 2, 24, 4, 4
+    qkv = torch.randn(T, 3 * KVH, D).to(dtype).to(device)
+    k, v = qkv[:, :KVH], qkv[:, KVH : 2 * KVH]  # strided views, as after a qkv split
+    slots = torch.randperm(NB * BS)[:T].to(device)
+    slots[2] = -1
+    kc0 = torch.randn(NB, BS, KVH, D).to(dtype).to(device)
+    vc0 = torch.randn(NB, BS, KVH, D).to(dtype).to(device)
+    kr, vr = kc0.cpu().clone(), vc0.cpu().clone()
+    for t in range(T):
+        if int(slots[t]) >= 0:
+            kr[int(slots[t]) // BS, int(slots[t]) % BS] = k[t].cpu()
+            vr[int(slots[t]) // BS, int(slots[t]) % BS] = v[t].cpu()
+    kt, vt = kc0.cpu().clone(), vc0.cpu().clone()
+    store_kv_torch(k.cpu(), v.cpu(), kt, vt, slots.cpu())
+    assert torch.equal(kt, kr) and torch.equal(vt, vr)
+    if device.type == "cpu":
+        pytest.importorskip("triton")
+        if __import__("os").environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs TRITON_INTERPRET=1")
+        monkeypatch.setenv("DRLORA_FORCE_TRITON", "1")
+    kc, vc = kc0.clone(), vc0.clone()
+    store_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc.cpu(), kr) and torch.equal(vc.cpu(), vr)
+
+
+def test_errors():
+    kc = torch.zeros(2, 4, 2, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_decode_attention(torch.zeros(1, 3, 16), kc, kc, torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="int64"):
+        store_kv(torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), kc, kc.clone(), torch.zeros(1, dtype=torch.int32))

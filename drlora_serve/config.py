@@ -15,6 +15,8 @@ class EngineArgs:
     max_cpu_loras: int = 64  # adapters kept in host memory (LRU)
     max_lora_rank: int = 256  # largest per-expert rank accepted
     lora_pool_rank_rows: int | None = None  # pool size in rank rows per (layer, projection)
+    # (default: max_loras * num_experts * 16)
+    lora_dense_rank_rows: int | None = None  # same for attention LoRA pools (default: max_loras * 64)
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available else cpu
     gpu_memory_utilization: float = 0.9

@@ -1,0 +1,204 @@
+"""Adapter lifecycle: registry of names and versions, host-memory LRU tier, device slots.
+
+- Registering reads and fully validates the adapter (drlora format, or a PEFT folder converted
+  by drlora_train.peft_interop); a bad adapter raises and changes nothing.
+- Replacing registers a new version; requests already submitted keep the version they pinned,
+  which stays (host and device) until its last request finishes.
+- Device residency: `max_loras` slots in LoraBuffers. A version with running sequences is
+  pinned; others are evicted least recently used when a slot or rank rows are needed.
+- Host tier: at most `max_cpu_loras` adapters keep their tensors in memory (LRU, versions with
+  requests never dropped); the others are re-read from their folder when needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from drlora.adapter_format import (
+    Adapter,
+    AdapterFormatError,
+    NotAnAdapterError,
+    expected_shapes,
+    is_adapter_dir,
+    read_adapter,
+)
+from drlora.models import MoeShape
+
+from drlora_serve.lora_buffers import LoraBuffers
+from drlora_serve.types import AdapterInfo, AdapterNotFoundError
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    name: str
+    version: int
+    path: str
+    total_rank: int
+    adapter: Adapter | None  # host copy (None: dropped from the host tier)
+    refs: int = 0  # unfinished requests pinned to this version
+    active: int = 0  # running sequences (pins the device slot)
+    slot: int | None = None
+    last_used: float = 0.0
+    uid: int = 0
+
+
+def read_any_adapter(path: str | Path, base: MoeShape) -> Adapter:
+    path = Path(path)
+    if is_adapter_dir(path):
+        return read_adapter(path, base)
+    if (path / "adapter_config.json").is_file():  # PEFT
+        try:
+            from drlora_train.peft_interop import peft_to_drlora
+        except ImportError as exc:
+            raise AdapterFormatError(f"{path} is a PEFT adapter but PEFT conversion is unavailable ({exc})") from None
+        try:
+            cfg, tensors = peft_to_drlora(path, base)
+        except AdapterFormatError:
+            raise
+        except Exception as exc:
+            raise AdapterFormatError(f"PEFT adapter {path} could not be converted ({exc})") from None
+        want = expected_shapes(cfg)
+        for k, shape in want.items():
+            if k not in tensors or tuple(tensors[k].shape) != shape:
+                raise AdapterFormatError(f"converted PEFT adapter: tensor {k} missing or not {shape}")
+        return Adapter(cfg, tensors, path)
+    if not path.is_dir():
+        raise NotAnAdapterError(f"{path} is not a folder")
+    raise NotAnAdapterError(f"{path} holds no adapter (neither drlora_adapter.json nor adapter_config.json)")
+
+
+class AdapterPool:
+    def __init__(self, base: MoeShape, buffers: LoraBuffers, max_cpu_loras: int = 64, max_lora_rank: int = 256):
+        self.base, self.buffers = base, buffers
+        self.max_cpu_loras, self.max_lora_rank = max_cpu_loras, max_lora_rank
+        self.current: dict[str, AdapterVersion] = {}
+        self.versions: list[AdapterVersion] = []  # every live version (current or still referenced)
+        self.slots: list[AdapterVersion | None] = [None] * buffers.num_slots
+        self.host: OrderedDict[int, AdapterVersion] = OrderedDict()  # uid -> version with tensors
+        self.num_loads = self.num_evictions = self.num_compactions = 0
+
+    # ------------------------------------------------------------------ registry
+    def register(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
+        if not name or "/" in name:
+            raise ValueError(f"invalid adapter name {name!r}")
+        if name in self.current and not replace:
+            raise ValueError(f"adapter '{name}' is already loaded (use replace to swap it)")
+        adapter = read_any_adapter(path, self.base)
+        cfg = adapter.config
+        top = max([max(map(max, r)) for r in cfg.ranks.values()] + [max(r) for r in cfg.dense_ranks.values()] + [0])
+        if top > self.max_lora_rank:
+            raise AdapterFormatError(f"adapter '{name}' has rank {top} > max_lora_rank={self.max_lora_rank}")
+        err = self.buffers.capacity_error(adapter)
+        if err:
+            raise AdapterFormatError(f"adapter '{name}' {err}")
+        old = self.current.get(name)
+        v = AdapterVersion(name, (old.version + 1) if old else 1, str(Path(path).resolve()), cfg.total_ranks(),
+                           adapter, uid=next(_ids), last_used=time.monotonic())
+        self.current[name] = v
+        self.versions.append(v)
+        self._host_touch(v)
+        if old is not None:
+            self._maybe_drop(old)
+        return self.info(v)
+
+    def unregister(self, name: str) -> None:
+        v = self.current.pop(name, None)
+        if v is None:
+            raise AdapterNotFoundError(f"adapter '{name}' is not loaded")
+        self._maybe_drop(v)  # requests still on it finish first
+
+    def get(self, name: str) -> AdapterVersion:
+        v = self.current.get(name)
+        if v is None:
+            raise AdapterNotFoundError(f"adapter '{name}' not found (loaded: {', '.join(sorted(self.current)) or 'none'})")
+        return v
+
+    def info(self, v: AdapterVersion) -> AdapterInfo:
+        return AdapterInfo(v.name, v.path, v.version, v.total_rank, v.slot is not None, v.active > 0)
+
+    def list(self) -> list[AdapterInfo]:
+        return [self.info(v) for _, v in sorted(self.current.items())]
+
+    # ------------------------------------------------------------------ request pins
+    def acquire(self, name: str) -> AdapterVersion:
+        v = self.get(name)
+        v.refs += 1
+        return v
+
+    def release(self, v: AdapterVersion) -> None:
+        v.refs -= 1
+        assert v.refs >= 0
+        self._maybe_drop(v)
+
+    def _maybe_drop(self, v: AdapterVersion) -> None:
+        if v.refs == 0 and self.current.get(v.name) is not v and v in self.versions:
+            self.versions.remove(v)
+            if v.slot is not None:
+                self._evict(v)
+            self.host.pop(v.uid, None)
+            v.adapter = None
+
+    # ------------------------------------------------------------------ device residency
+    def activate(self, v: AdapterVersion) -> int | None:
+        """Make v resident and pin it for one more running sequence; None if it cannot be
+        placed now (every slot or the rank rows are held by pinned adapters)."""
+        if v.slot is None and not self._place(v):
+            return None
+        v.active += 1
+        v.last_used = time.monotonic()
+        return v.slot
+
+    def deactivate(self, v: AdapterVersion) -> None:
+        v.active -= 1
+        assert v.active >= 0
+
+    def _place(self, v: AdapterVersion) -> bool:
+        adapter = self._host_get(v)
+        while True:
+            free = [s for s, o in enumerate(self.slots) if o is None]
+            if free and self.buffers.fits(adapter):
+                break
+            victims = [o for o in self.slots if o is not None and o.active == 0]
+            if not victims:
+                return False
+            self._evict(min(victims, key=lambda o: o.last_used))
+        slot = free[0]
+        ok = self.buffers.load(slot, adapter)
+        assert ok
+        self.slots[slot], v.slot = v, slot
+        self.num_loads += 1
+        return True
+
+    def _evict(self, v: AdapterVersion) -> None:
+        self.buffers.unload(v.slot)
+        self.slots[v.slot], v.slot = None, None
+        self.num_evictions += 1
+
+    def compact(self) -> int:
+        """Defragment every (layer, projection) pool; returns rows moved."""
+        moved = self.buffers.compact()
+        self.num_compactions += 1
+        return moved
+
+    # ------------------------------------------------------------------ host tier
+    def _host_touch(self, v: AdapterVersion) -> None:
+        self.host[v.uid] = v
+        self.host.move_to_end(v.uid)
+        while len(self.host) > self.max_cpu_loras:
+            drop = next((o for o in self.host.values() if o.refs == 0 and o is not v), None)
+            if drop is None:
+                break
+            self.host.pop(drop.uid)
+            drop.adapter = None
+
+    def _host_get(self, v: AdapterVersion) -> Adapter:
+        if v.adapter is None:
+            v.adapter = read_any_adapter(v.path, self.base)
+        self._host_touch(v)
+        return v.adapter

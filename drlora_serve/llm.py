@@ -1,0 +1,62 @@
+"""Offline Python API.
+
+    llm = LLM(model="tiny", adapters="./adapters", max_loras=8)
+    outs = llm.generate(["Hello", "Hi"], SamplingParams(max_tokens=16), adapter=["a", None])
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from drlora_serve.config import EngineArgs
+from drlora_serve.engine import LLMEngine
+from drlora_serve.types import AdapterInfo, RequestOutput, SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "tiny", adapters: str | Path | dict[str, str] | None = None, **engine_args):
+        if isinstance(adapters, dict):
+            engine_args["lora_modules"] = {**engine_args.get("lora_modules", {}), **{k: str(v) for k, v in adapters.items()}}
+        elif adapters is not None:
+            engine_args["adapters_dir"] = str(adapters)
+        self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: str | list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 adapter: str | None | list[str | None] = None) -> list[RequestOutput]:
+        """Run every prompt to completion (continuous batching); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
+        adapters = adapter if isinstance(adapter, list) else [adapter] * n
+        if len(params) != n or len(adapters) != n:
+            raise ValueError("sampling_params and adapter lists must have one entry per prompt")
+        ids = []
+        try:
+            for p, sp, a in zip(prompts, params, adapters):
+                toks = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, toks, sp, a)
+                ids.append(rid)
+            done: dict[str, RequestOutput] = {}
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+            return [done[r] for r in ids]
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+
+    def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
+        return self.engine.load_adapter(name, str(path), replace)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.engine.list_adapters()

@@ -1,0 +1,191 @@
+"""OLMoE written for serving: flattened tokens of many sequences, paged KV cache, per-token
+adapter slots (rank-exact expert LoRA, optional attention LoRA, optional per-adapter router).
+
+Legend: T tokens, B sequences, H hidden, I expert intermediate, E experts, K top-k,
+QH/KVH query/kv heads, D head dim, V vocab, L context length.
+Matches transformers' OlmoeForCausalLM: q_norm/k_norm are RMSNorms over the full q/k
+projection width (before the head split), default RoPE (rotate-half), router softmax in fp32
+then top-k (renormalised when norm_topk_prob).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import dense_lora_, fused_moe, paged_decode_attention, store_kv
+
+from drlora_serve.context import ForwardContext
+from drlora_serve.weights import WeightSource
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (T, heads, D); cos/sin (T, 1, D)
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class OlmoeForServing:
+    def __init__(self, config: dict, dtype: torch.dtype, device: torch.device):
+        c = config
+        self.config, self.dtype, self.device = c, dtype, device
+        self.num_layers = c["num_hidden_layers"]
+        self.hidden = c["hidden_size"]
+        self.num_heads = c["num_attention_heads"]
+        self.num_kv_heads = c.get("num_key_value_heads") or self.num_heads
+        self.head_dim = c.get("head_dim") or self.hidden // self.num_heads
+        self.num_experts = c["num_experts"]
+        self.top_k = c["num_experts_per_tok"]
+        self.norm_topk = bool(c.get("norm_topk_prob", False))
+        self.eps = c.get("rms_norm_eps", 1e-5)
+        self.clip_qkv = c.get("clip_qkv")
+        self.vocab = c["vocab_size"]
+        self.max_positions = c.get("max_position_embeddings", 4096)
+        rope = c.get("rope_parameters") or {"rope_theta": c.get("rope_theta", 10000.0), "rope_type": "default"}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_type {rope['rope_type']!r} is not supported (default RoPE only)")
+        d = self.head_dim
+        inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(device, dtype)  # (maxpos, D)
+        self.sin = emb.sin().to(device, dtype)
+        self.scale = d ** -0.5
+        self.layers: list[dict[str, torch.Tensor]] = []
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # set by the runner
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model_dir, config: dict, dtype, device) -> OlmoeForServing:
+        m = cls(config, dtype, device)
+        src = WeightSource(model_dir)
+        ld = lambda n: src.load(n, dtype, device)  # noqa: E731
+        m.embed = ld("model.embed_tokens.weight")
+        m.norm = ld("model.norm.weight")
+        m.lm_head = ld("lm_head.weight") if "lm_head.weight" in src else m.embed
+        for l in range(m.num_layers):
+            p = f"model.layers.{l}."
+            q, k, v = (ld(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+            layer = {
+                "in_norm": ld(p + "input_layernorm.weight"),
+                "post_norm": ld(p + "post_attention_layernorm.weight"),
+                "qkv": torch.cat([q, k, v], 0).contiguous(),  # (QH*D + 2*KVH*D, H)
+                "o": ld(p + "self_attn.o_proj.weight"),
+                "q_norm": ld(p + "self_attn.q_norm.weight"),
+                "k_norm": ld(p + "self_attn.k_norm.weight"),
+                "router": ld(p + "mlp.gate.weight"),  # (E, H)
+            }
+            del q, k, v
+            if p + "mlp.experts.gate_up_proj" in src:  # transformers v5 fused layout
+                layer["w13"] = ld(p + "mlp.experts.gate_up_proj")  # (E, 2I, H)
+                layer["w2"] = ld(p + "mlp.experts.down_proj")  # (E, H, I)
+            else:  # hub per-expert layout
+                ex = p + "mlp.experts"
+                layer["w13"] = src.stack_experts(ex, m.num_experts, ["gate_proj", "up_proj"], dtype, device)
+                layer["w2"] = src.stack_experts(ex, m.num_experts, ["down_proj"], dtype, device)
+            m.layers.append(layer)
+        src.close()
+        return m
+
+    @classmethod
+    def random(cls, config: dict, dtype, device, seed: int = 0, std: float = 0.02) -> OlmoeForServing:
+        """Random weights directly on the device (benchmarks; no checkpoint)."""
+        m = cls(config, dtype, device)
+        g = torch.Generator(device=device).manual_seed(seed)
+        rn = lambda *s: (torch.randn(*s, generator=g, device=device, dtype=dtype) * std)  # noqa: E731
+        one = lambda n: torch.ones(n, device=device, dtype=dtype)  # noqa: E731
+        H, E, D = m.hidden, m.num_experts, m.head_dim
+        I = config.get("intermediate_size")
+        qd, kvd = m.num_heads * D, m.num_kv_heads * D
+        m.embed, m.norm, m.lm_head = rn(m.vocab, H), one(H), rn(m.vocab, H)
+        for _ in range(m.num_layers):
+            m.layers.append({"in_norm": one(H), "post_norm": one(H), "qkv": rn(qd + 2 * kvd, H),
+                             "o": rn(H, qd), "q_norm": one(qd), "k_norm": one(kvd), "router": rn(E, H),
+                             "w13": rn(E, 2 * I, H), "w2": rn(E, H, I)})
+        return m
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids (T,) -> final hidden states (T, H)."""
+        x = self.embed[input_ids]  # (T, H)
+        cos = self.cos[ctx.positions].unsqueeze(1)  # (T, 1, D)
+        sin = self.sin[ctx.positions].unsqueeze(1)
+        for l, w in enumerate(self.layers):
+            h = rms_norm(x, w["in_norm"], self.eps)
+            x = x + self.attention(l, w, h, cos, sin, ctx)
+            h = rms_norm(x, w["post_norm"], self.eps)
+            x = x + self.moe(l, w, h, ctx)
+        return rms_norm(x, self.norm, self.eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.lm_head.T).float()  # (N, V) fp32
+
+    def attention(self, l, w, h, cos, sin, ctx: ForwardContext) -> torch.Tensor:
+        T = h.shape[0]
+        QH, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = h @ w["qkv"].T  # (T, QH*D + 2*KVH*D)
+        q, k, v = qkv.split([QH * D, KVH * D, KVH * D], dim=-1)
+        if ctx.lora is not None:
+            for name, y in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                dl = ctx.lora.dense(l, name)
+                if dl is not None:
+                    dense_lora_(y, h, dl, ctx.slot_ids)
+        q = rms_norm(q, w["q_norm"], self.eps)
+        k = rms_norm(k, w["k_norm"], self.eps)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = rotate(q.reshape(T, QH, D), cos, sin)
+        k = rotate(k.reshape(T, KVH, D), cos, sin).contiguous()
+        v = v.reshape(T, KVH, D).contiguous()
+        k_cache, v_cache = self.kv_caches[l]
+        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        out = torch.empty_like(q)  # (T, QH, D)
+        nd = ctx.num_decode
+        if nd:
+            out[:nd] = paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, ctx.block_tables,
+                                              ctx.context_lens, self.scale)
+        for c in ctx.prefills:
+            qs = q[c.start:c.start + c.length].transpose(0, 1)  # (QH, Lq, D)
+            if c.context_len == c.length:  # no cached prefix: keys are the chunk itself
+                ks, vs, causal, mask = k[c.start:c.start + c.length], v[c.start:c.start + c.length], True, None
+            else:
+                bs = k_cache.shape[1]
+                ks = k_cache[c.block_table].view(-1, KVH, D)[:c.context_len]  # (L, KVH, D)
+                vs = v_cache[c.block_table].view(-1, KVH, D)[:c.context_len]
+                qpos = torch.arange(c.context_len - c.length, c.context_len, device=h.device)
+                mask = torch.arange(c.context_len, device=h.device)[None, :] <= qpos[:, None]  # (Lq, L)
+                causal = False
+                del bs
+            if KVH != QH:
+                ks, vs = ks.repeat_interleave(QH // KVH, 1), vs.repeat_interleave(QH // KVH, 1)
+            o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=mask,
+                                               is_causal=causal, scale=self.scale)
+            out[c.start:c.start + c.length] = o.transpose(0, 1)
+        out = out.reshape(T, QH * D)
+        y = out @ w["o"].T
+        if ctx.lora is not None:
+            dl = ctx.lora.dense(l, "o_proj")
+            if dl is not None:
+                dense_lora_(y, out, dl, ctx.slot_ids)
+        return y
+
+    def moe(self, l, w, h, ctx: ForwardContext) -> torch.Tensor:
+        logits = h @ w["router"].T  # (T, E)
+        for slot, rows in ctx.router_groups:  # adapters with their own router weights
+            logits[rows] = h[rows] @ ctx.lora.router[l][slot].T
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        topk_w, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # (T, K)
+        if self.norm_topk:
+            topk_w = topk_w / topk_w.sum(-1, keepdim=True)
+        # transformers casts the routing weights back to the model dtype before mixing
+        topk_w = topk_w.to(h.dtype).float()
+        lora = ctx.lora.moe_layer(l) if ctx.lora is not None else None
+        return fused_moe(h, w["w13"], w["w2"], topk_w, topk_ids.to(torch.int32), lora,
+                         ctx.slot_ids if lora is not None else None)

@@ -1,0 +1,25 @@
+"""model_type (config.json) -> serving model class. Add Qwen-MoE or Mixtral here."""
+
+from __future__ import annotations
+
+import importlib
+
+_MODELS = {
+    "olmoe": ("drlora_serve.models.olmoe", "OlmoeForServing"),
+}
+
+
+def register_model(model_type: str, module: str, cls: str) -> None:
+    _MODELS[model_type] = (module, cls)
+
+
+def get_model_class(model_type: str):
+    if model_type not in _MODELS:
+        raise ValueError(f"model_type '{model_type}' is not supported by the engine "
+                         f"(supported: {', '.join(sorted(_MODELS))})")
+    module, cls = _MODELS[model_type]
+    return getattr(importlib.import_module(module), cls)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_MODELS)

@@ -1,0 +1,68 @@
+"""Helpers for the engine tests: random rank-exact adapters, small engines (CPU, fp32)."""
+
+from __future__ import annotations
+
+import torch
+
+from drlora.adapter_format import AdapterConfig, write_adapter
+from drlora.models import MoeShape
+
+from drlora_serve.config import EngineArgs
+from drlora_serve.engine import LLMEngine
+
+
+def make_adapter(path, shape: MoeShape, seed: int, max_rank: int = 8, dense: bool = False, router: bool = False,
+                 scaling: float = 2.0, std: float = 0.05, targets=("gate", "up", "down")):
+    """Random non-zero adapter; per-(layer, expert) ranks drawn in [0, max_rank] (some zero)."""
+    g = torch.Generator().manual_seed(seed)
+    L, E = shape.num_hidden_layers, shape.num_experts
+    ranks = {p: [[int(x) for x in torch.randint(0, max_rank + 1, (E,), generator=g)] for _ in range(L)] for p in targets}
+    dense_ranks = {p: [int(x) for x in torch.randint(1, 5, (L,), generator=g)] for p in ("q_proj", "v_proj", "o_proj")} if dense else {}
+    cfg = AdapterConfig(base_model="tiny", base_shape=shape, method="dr-lora", scaling=scaling, ranks=ranks,
+                        dense_ranks=dense_ranks, train_router=router)
+    tensors = {}
+    for p, per_layer in ranks.items():
+        i, o = shape.proj_dims(p)
+        for l, r in enumerate(per_layer):
+            tensors[f"layers.{l}.experts.{p}.lora_A"] = torch.randn(sum(r), i, generator=g) * std
+            tensors[f"layers.{l}.experts.{p}.lora_B"] = torch.randn(o, sum(r), generator=g) * std
+    for p, r in dense_ranks.items():
+        i, o = shape.proj_dims(p)
+        for l in range(L):
+            tensors[f"layers.{l}.self_attn.{p}.lora_A"] = torch.randn(r[l], i, generator=g) * std
+            tensors[f"layers.{l}.self_attn.{p}.lora_B"] = torch.randn(o, r[l], generator=g) * std
+    if router:
+        for l in range(L):
+            tensors[f"layers.{l}.router.weight"] = torch.randn(E, shape.hidden_size, generator=g) * 0.1
+    return write_adapter(path, cfg, tensors)
+
+
+def make_engine(tiny_dir, tokenizer, **kw) -> LLMEngine:
+    kw.setdefault("num_kv_blocks", 256)
+    kw.setdefault("max_loras", 4)
+    kw.setdefault("lora_pool_rank_rows", 1024)
+    kw.setdefault("lora_dense_rank_rows", 64)
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("device", "cpu")
+    return LLMEngine(EngineArgs(model=str(tiny_dir), **kw), model_dir=tiny_dir, tokenizer=tokenizer)
+
+
+def run_all(engine: LLMEngine, max_steps: int = 10_000) -> dict:
+    done = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert not engine.has_unfinished(), "engine did not finish"
+    return done
+
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog",
+    "Once upon a time",
+    "In the beginning there was",
+    "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23",
+    "A",
+]

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class ConfigError(ValueError):
+    """Inconsistent or unusable settings (reported as a one-line CLI error)."""
+
+
 @dataclass
 class TrainConfig:
     data: str
@@ -52,28 +56,28 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
-        """Raise ValueError (one line) on inconsistent settings."""
+        """Raise ConfigError (one line) on inconsistent settings."""
         if self.method not in ("drlora", "lora", "static"):
-            raise ValueError(f"--method must be drlora, lora or static, got '{self.method}'")
+            raise ConfigError(f"--method must be drlora, lora or static, got '{self.method}'")
         if not (1 <= self.r_init <= self.r_target <= self.r_max):
-            raise ValueError(f"need 1 <= r-init <= r-target <= r-max, got {self.r_init}/{self.r_target}/{self.r_max}")
+            raise ConfigError(f"need 1 <= r-init <= r-target <= r-max, got {self.r_init}/{self.r_target}/{self.r_max}")
         for name in ("max_steps", "batch_size", "t_grow", "max_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.t_buffer < 0 or self.checkpoint_every < 0:
-            raise ValueError("--t-buffer and --checkpoint-every must be >= 0")
+            raise ConfigError("--t-buffer and --checkpoint-every must be >= 0")
         if not (0 < self.p_grow <= 1):
-            raise ValueError(f"--p-grow must be in (0, 1], got {self.p_grow}")
+            raise ConfigError(f"--p-grow must be in (0, 1], got {self.p_grow}")
         if not (0 <= self.beta < 1):
-            raise ValueError(f"--beta must be in [0, 1), got {self.beta}")
+            raise ConfigError(f"--beta must be in [0, 1), got {self.beta}")
         if not (0 <= self.warmup_ratio < 1) or not (0 <= self.eval_fraction < 1):
-            raise ValueError("--warmup-ratio and --eval-fraction must be in [0, 1)")
+            raise ConfigError("--warmup-ratio and --eval-fraction must be in [0, 1)")
         if self.lr <= 0:
-            raise ValueError("--lr must be > 0")
+            raise ConfigError("--lr must be > 0")
         bad = [t for t in self.targets if t not in ("gate", "up", "down")]
         if bad or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"--targets must be a comma list of gate, up, down; got {','.join(self.targets)}")
+            raise ConfigError(f"--targets must be a comma list of gate, up, down; got {','.join(self.targets)}")
         if self.frequency not in ("weight", "count") or self.importance not in ("product", "sum"):
-            raise ValueError("--frequency must be weight|count and --importance product|sum")
+            raise ConfigError("--frequency must be weight|count and --importance product|sum")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got '{self.dtype}'")
+            raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got '{self.dtype}'")

@@ -101,9 +101,10 @@ class MoeLoraExperts(nn.Module):
             if B.grad is not None:
                 B.grad.mul_(m[:, None, :])
 
-    def _delta(self, p: str, e: int, x: torch.Tensor, A_m: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _delta(self, p: str, e: int, x: torch.Tensor, ab: dict) -> torch.Tensor:
         # x: n, in -> n, out
-        return (x @ A_m[p][e].T.to(x.dtype)) @ self.lora_B[p][e].T.to(x.dtype) * self.scaling
+        A, B = ab[p]
+        return (x @ A[e].T.to(x.dtype)) @ B[e].T.to(x.dtype) * self.scaling
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,10 @@ class MoeLoraExperts(nn.Module):
         base, E, I = self.base, self.num_experts, self.intermediate_dim
         if self.record:
             self._record(top_k_index, top_k_weights)
-        A_m = {p: self.lora_A[p] * self.mask[:, :, None] for p in self.spec.targets}  # E, R, in
+        # unbind once: indexing [e] per expert would make autograd build one full-size
+        # (E, R, in) grad per expert; unbind's backward is a single stack
+        A_m = {p: ((self.lora_A[p] * self.mask[:, :, None]).unbind(0), self.lora_B[p].unbind(0))
+               for p in self.spec.targets}  # E x (R, in), E x (out, R)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hit = torch.bincount(top_k_index.flatten(), minlength=E).nonzero().flatten().tolist()

@@ -11,7 +11,7 @@ import torch
 from drlora.models import MoeShape, resolve_model
 from drlora_train import checkpoint as ckpt
 from drlora_train import distributed as dd
-from drlora_train.config import TrainConfig
+from drlora_train.config import ConfigError, TrainConfig
 from drlora_train.data import load_data
 from drlora_train.evaluate import EvalConfig, evaluate
 from drlora_train.growth import GrowthParams
@@ -31,7 +31,7 @@ def pick_device(cfg: TrainConfig, d: dd.Dist) -> torch.device:
     if dev == "cuda" and d.on:
         dev = f"cuda:{d.local_rank}"
     if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
+        raise ConfigError("--device cuda but no CUDA device is available")
     return torch.device(dev)
 
 
@@ -75,6 +75,8 @@ def train(cfg: TrainConfig) -> dict:
     gp = GrowthParams(cfg.r_init, cfg.r_target, cfg.r_max, cfg.p_grow)
     log = JsonlLog(out / LOG_NAME, d.main)
     state = ckpt.load(out) if cfg.resume else None
+    if state is None and d.main and (out / LOG_NAME).exists():
+        (out / LOG_NAME).unlink()  # a fresh run starts a fresh log; a resumed one appends
     if cfg.resume and state is None:
         say(f"--resume: no checkpoint in {out / ckpt.CKPT_DIR}; starting from step 0", d)
     if state is not None:
@@ -108,8 +110,8 @@ def train(cfg: TrainConfig) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", ranks=rec["rank_total"])
-            if run.step % cfg.log_every == 0 or "event" in rec:
-                bar.write(json.dumps(rec))
+        if run.step % cfg.log_every == 0 or "event" in rec:
+            (bar.write if bar is not None else lambda m: say(m, d))(json.dumps(rec))
         if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.max_steps:
             if d.main:
                 ckpt.save(out, checkpoint_state(run, cfg))

@@ -1,0 +1,176 @@
+"""One MoE layer at OLMoE-1B-7B shapes: torch grouped_mm vs our fused MoE, with rank-exact
+and padded multi-adapter LoRA.
+
+    python benchmarks/kernels.py --out results.json [--large] [--peak-gbs 3350]
+
+Legend: T tokens, K top-k, E experts, S adapter slots, H hidden, I intermediate.
+Needs CUDA (refuses otherwise). Times are medians of triton.testing.do_bench (CUDA events,
+warmup + repetitions, L2 flushed between runs). Effective bandwidth counts the bytes of
+expert weights touched (experts with >= 1 token) and LoRA rows read (rank-exact: real
+ranks; padded: Rmax) once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # this file shadows the package
+sys.path.insert(0, os.path.dirname(_HERE))
+
+from kernels import MoeLoraLayer, fused_moe, pad_moe_lora  # noqa: E402
+
+H, I, E, K, S = 2048, 1024, 64, 8, 16
+DT = torch.bfloat16
+RMIN, RMAX, RPAD = 8, 32, 32
+
+
+def dr_lora_ranks(gen: torch.Generator) -> torch.Tensor:
+    """(S, E) ranks in [8, 32], mean ~16, skewed low: 8 + round(24 * Beta(1, 2))."""
+    u = torch.rand(S, E, generator=gen)
+    beta12 = 1 - torch.sqrt(1 - u)  # inverse CDF of Beta(1, 2)
+    return (RMIN + torch.round((RMAX - RMIN) * beta12)).to(torch.int32)
+
+
+def build_lora(gen: torch.Generator, dev) -> MoeLoraLayer:
+    ranks = dr_lora_ranks(gen)
+    offsets = (torch.cumsum(ranks.flatten(), 0) - ranks.flatten()).view(S, E).to(torch.int32)
+    rows = int(ranks.sum())
+    layer = MoeLoraLayer(scales=torch.full((S,), 2.0), max_rank=int(ranks.max()))
+    for p, (din, dout) in {"gate": (H, I), "up": (H, I), "down": (I, H)}.items():
+        layer.a[p] = (torch.randn(rows, din, generator=gen) * 0.02).to(DT)
+        layer.b[p] = (torch.randn(rows, dout, generator=gen) * 0.02).to(DT)
+        layer.offsets[p], layer.ranks[p] = offsets.clone(), ranks.clone()
+    return MoeLoraLayer(
+        {k: v.to(dev) for k, v in layer.a.items()}, {k: v.to(dev) for k, v in layer.b.items()},
+        {k: v.to(dev) for k, v in layer.offsets.items()}, {k: v.to(dev) for k, v in layer.ranks.items()},
+        layer.scales.to(dev), layer.max_rank,
+    )
+
+
+def grouped_mm_moe(hidden, w_gu_t, w_dn_t, topk_w, topk_ids):
+    """Baseline: sort pairs by expert, torch grouped_mm (K-major weights viewed (E, in, out))."""
+    t = hidden.shape[0]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=hidden.device).scatter_add_(0, flat.long(), torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    x = hidden[order // K]
+    gu = F.grouped_mm(x, w_gu_t, offs=offs)
+    h = F.silu(gu[:, :I]) * gu[:, I:]
+    y = F.grouped_mm(h, w_dn_t, offs=offs)
+    out = torch.empty_like(y)
+    out[order] = y
+    return (out.view(t, K, H).float() * topk_w.unsqueeze(-1)).sum(1).to(hidden.dtype)
+
+
+def bench(fn) -> float:
+    if SMOKE:
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=50, rep=200, return_mode="median") * 1e3  # us
+
+
+SMOKE = False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results.json")
+    ap.add_argument("--large", action="store_true", help="also 1024 and 4096 tokens")
+    ap.add_argument("--peak-gbs", type=float, default=None, help="HBM peak for the %% column (default by GPU name)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (torch twins): checks the script only")
+    args = ap.parse_args()
+    global SMOKE, H, I, E
+    if args.smoke:
+        SMOKE, H, I, E = True, 64, 32, 8
+    elif not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no CUDA device, refusing to run (kernel timings need a GPU).")
+        sys.exit(2)
+    dev = torch.device("cpu" if SMOKE else "cuda")
+    name = "cpu-smoke" if SMOKE else torch.cuda.get_device_name(dev)
+    peak = args.peak_gbs or (4800.0 if "H200" in name else 3350.0 if "H100" in name else float("nan"))
+    gen = torch.Generator().manual_seed(args.seed)
+    w_gu = (torch.randn(E, 2 * I, H, generator=gen) * H**-0.5).to(DT).to(dev)  # (E, 2I, H) K-major
+    w_dn = (torch.randn(E, H, I, generator=gen) * I**-0.5).to(DT).to(dev)  # (E, H, I)
+    lora = build_lora(gen, dev)
+    padded = pad_moe_lora(lora, RPAD)
+    has_gmm = hasattr(F, "grouped_mm")
+    tokens = [1, 16, 64, 256] + ([1024, 4096] if args.large else [])
+    rows = []
+    for t in tokens:
+        hidden = torch.randn(t, H, generator=gen).to(DT).to(dev)
+        tw, ti = torch.softmax(torch.randn(t, E, generator=gen), -1).topk(K, -1)
+        tw, ti = tw.to(dev), ti.to(torch.int32).to(dev)
+        slots = torch.randint(0, S, (t,), generator=gen, dtype=torch.int32).to(dev)
+        used = torch.unique(ti.reshape(-1).cpu())
+        w_bytes = used.numel() * (3 * I * H) * 2
+        pairs = torch.unique(slots.cpu().long().repeat_interleave(K) * E + ti.reshape(-1).cpu().long())
+        r = lora.ranks["gate"].cpu().flatten()[pairs].long()
+        lora_bytes = int(r.sum()) * 3 * (H + I) * 2
+        pad_bytes = pairs.numel() * RPAD * 3 * (H + I) * 2
+        row = {"tokens": t, "experts_used": used.numel(), "weight_bytes": w_bytes,
+               "lora_bytes_exact": lora_bytes, "lora_bytes_padded": pad_bytes}
+        ours = fused_moe(hidden, w_gu, w_dn, tw, ti)
+        if has_gmm:
+            try:
+                w_gu_t, w_dn_t = w_gu.transpose(1, 2), w_dn.transpose(1, 2)  # views, K-major
+                ref = grouped_mm_moe(hidden, w_gu_t, w_dn_t, tw, ti)
+                row["max_abs_err_vs_grouped_mm"] = float((ours.float() - ref.float()).abs().max())
+                row["grouped_mm_us"] = bench(lambda: grouped_mm_moe(hidden, w_gu_t, w_dn_t, tw, ti))
+            except Exception as exc:  # noqa: BLE001
+                row["grouped_mm_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        row["fused_us"] = bench(lambda: fused_moe(hidden, w_gu, w_dn, tw, ti))
+        row["fused_lora_exact_us"] = bench(lambda: fused_moe(hidden, w_gu, w_dn, tw, ti, lora=lora, slot_ids=slots))
+        row["fused_lora_padded_us"] = bench(lambda: fused_moe(hidden, w_gu, w_dn, tw, ti, lora=padded, slot_ids=slots))
+        base, ex, pd = row["fused_us"], row["fused_lora_exact_us"], row["fused_lora_padded_us"]
+        row["weight_gbs"] = w_bytes / base / 1e3
+        row["weight_pct_peak"] = 100 * row["weight_gbs"] / peak
+        row["lora_exact_gbs"] = lora_bytes / max(ex - base, 1e-3) / 1e3
+        row["lora_overhead_pct"] = 100 * (ex - base) / base
+        row["padded_overhead_pct"] = 100 * (pd - base) / base
+        row["exact_vs_padded_lora_part"] = (pd - base) / max(ex - base, 1e-3)
+        row["exact_vs_padded_layer"] = pd / ex
+        if "grouped_mm_us" in row:
+            row["fused_vs_grouped_mm"] = row["grouped_mm_us"] / base
+        rows.append(row)
+    hdr = f"{'T':>5} {'gmm us':>8} {'fused us':>9} {'+exact':>8} {'+padded':>8} {'W GB/s':>7} {'%peak':>6} {'ovh%':>6} {'pad/ex(lora)':>12} {'pad/ex(layer)':>13}"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    print(f"{name}  torch {torch.__version__}  triton {triton_version}  E={E} K={K} H={H} I={I} S={S} {DT}")
+    print(hdr)
+    for r in rows:
+        g = f"{r['grouped_mm_us']:8.1f}" if "grouped_mm_us" in r else f"{'n/a':>8}"
+        print(f"{r['tokens']:>5} {g} {r['fused_us']:9.1f} {r['fused_lora_exact_us']:8.1f} {r['fused_lora_padded_us']:8.1f} "
+              f"{r['weight_gbs']:7.0f} {r['weight_pct_peak']:6.1f} {r['lora_overhead_pct']:6.1f} "
+              f"{r['exact_vs_padded_lora_part']:12.2f} {r['exact_vs_padded_layer']:13.2f}")
+    env = {"gpu": name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+           "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "peak_gbs": peak, "seed": args.seed, "grouped_mm": has_gmm}
+    shapes = {"H": H, "I": I, "E": E, "K": K, "S": S, "dtype": str(DT), "rank_min": RMIN, "rank_max": RMAX,
+              "rank_mean": float(lora.ranks["gate"].float().mean()), "padded_rank": RPAD}
+    with open(args.out, "w") as f:
+        json.dump({"env": env, "shapes": shapes, "rows": rows}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from drlora_serve.config import EngineArgs
-from server.state import ServerConfig
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off"}
@@ -105,10 +104,15 @@ def _env_flag(*names: str) -> bool | None:
     return None
 
 
-def configure(argv: list[str] | None = None) -> tuple[EngineArgs, ServerConfig]:
-    """Parse and check flags; exits 2 with a one-line error on bad ones."""
+def configure(argv: list[str] | None = None):
+    """Parse and check flags -> (EngineArgs, ServerConfig); exits 2 with a one-line error."""
+    # heavy imports (torch via the adapter format) only after the flags parsed
     parser = build_parser()
     args = parser.parse_args(argv)
+    return _configure(parser, args)
+
+
+def _configure(parser, args):
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")
     if args.gpu_memory_utilization > 1:
@@ -147,6 +151,8 @@ def configure(argv: list[str] | None = None) -> tuple[EngineArgs, ServerConfig]:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         seed=args.seed)
+    from server.state import ServerConfig
+
     config = ServerConfig(
         host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("DRLORA_API_KEY") or os.environ.get("VLLM_API_KEY") or None,

@@ -1,0 +1,81 @@
+"""The real CLI + uvicorn in a subprocess over the FakeEngine: the official openai client,
+client disconnects aborting requests, graceful shutdown, bad flags, API key from the env."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server.conftest import ServerProcess, fake_server_cmd
+
+
+def gauge(url: str, name: str) -> float:
+    for f in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        if f.name == name:
+            return f.samples[0].value
+    raise KeyError(name)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fake")
+    s = ServerProcess(fake_server_cmd("--adapters", str(tmp / "adapters")),
+                      env={"FAKE_DELAY": "0.02", "VLLM_API_KEY": "k1"}, log=tmp / "log.txt")
+    yield s
+    assert s.stop() == 0, s.tail()
+    assert "Application shutdown complete" in s.tail()
+
+
+def test_openai_client(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="k1", max_retries=0)
+    out = client.completions.create(model="tiny", prompt="hello", max_tokens=5, logprobs=1)
+    assert out.usage.completion_tokens == 5 and len(out.choices[0].logprobs.tokens) == 5
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="hello", max_tokens=5, stream=True) if c.choices)
+    assert text == out.choices[0].text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4)
+    stream = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True}))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
+    assert stream[-1].usage.completion_tokens == 4
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=-3)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_disconnect_aborts(server):
+    headers = {"Authorization": "Bearer k1"}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 100}
+    with httpx.Client(timeout=10) as c:
+        with c.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, headers=headers) as r:
+            it = r.iter_lines()
+            next(l for l in it if l.startswith("data:"))
+            assert gauge(server.url, "vllm:num_requests_running") == 1
+        # non-streaming client that gives up
+        with pytest.raises(httpx.ReadTimeout):
+            c.post(server.url + "/v1/completions", json=body, headers=headers, timeout=0.3)
+    deadline = time.monotonic() + 1.5  # 100 tokens would take 2 s
+    while gauge(server.url, "vllm:num_requests_running") != 0:
+        assert time.monotonic() < deadline, "request not aborted after disconnect"
+        time.sleep(0.05)
+
+
+def test_bad_flags_exit_2():
+    for args in (["--port", "abc"], ["--max-loras", "0"], ["--lora-modules", "noequals"],
+                 ["--model", "/nonexistent/model"], ["--bogus"]):
+        r = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and "error" in r.stderr, r.stderr

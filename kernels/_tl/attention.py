@@ -56,8 +56,9 @@ def paged_decode_kernel(
     d_ok = offs_d < D
     offs_s = tl.arange(0, BSP)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    m_i = -float("inf")
-    l_i = 0.0
+    # fp32 scalar tensors (loop-carried types must not change in compiled mode)
+    m_i = tl.max(tl.full((BSP,), -float("inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros((BSP,), tl.float32), axis=0)
     acc = tl.zeros((DP,), dtype=tl.float32)
     for j in range(0, tl.cdiv(ctx, BS)):
         blk = tl.load(block_tables_ptr + b.to(tl.int64) * MAXB + j).to(tl.int64)

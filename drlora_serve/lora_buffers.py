@@ -80,6 +80,7 @@ class LoraBuffers:
         self.router = torch.zeros(L, S, E, shape.hidden_size, dtype=dtype, device=device)
         self.has_router = [False] * S
         self.has_dense = {key: False for key in self.keys}
+        self.num_compactions = 0
         self.slot_ranks: dict[int, int] = {}  # slot -> largest per-expert/dense rank
         self._moe = [MoeLoraLayer(a={p: self.a[(l, p)] for p in EXPERT_PROJS}, b={p: self.b[(l, p)] for p in EXPERT_PROJS},
                                   offsets={p: self.offsets[(l, p)] for p in EXPERT_PROJS},
@@ -135,8 +136,9 @@ class LoraBuffers:
             if n == 0:
                 continue
             start = self.alloc[key].alloc(slot, n)
-            if start is None:
+            if start is None:  # enough free rows, but fragmented
                 self.compact(key)
+                self.num_compactions += 1
                 start = self.alloc[key].alloc(slot, n)
                 assert start is not None
             l, p = key

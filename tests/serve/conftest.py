@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from drlora.models import MoeShape, resolve_model
 
 from serve_helpers import make_adapter
+
+torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: threads only contend
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,13 @@ from drlora_serve.engine import LLMEngine
 
 
 def make_adapter(path, shape: MoeShape, seed: int, max_rank: int = 8, dense: bool = False, router: bool = False,
-                 scaling: float = 2.0, std: float = 0.05, targets=("gate", "up", "down")):
+                 scaling: float = 2.0, std: float = 0.05, targets=("gate", "up", "down"), fixed_rank: int | None = None):
     """Random non-zero adapter; per-(layer, expert) ranks drawn in [0, max_rank] (some zero)."""
     g = torch.Generator().manual_seed(seed)
     L, E = shape.num_hidden_layers, shape.num_experts
     ranks = {p: [[int(x) for x in torch.randint(0, max_rank + 1, (E,), generator=g)] for _ in range(L)] for p in targets}
+    if fixed_rank is not None:
+        ranks = {p: [[fixed_rank] * E for _ in range(L)] for p in targets}
     dense_ranks = {p: [int(x) for x in torch.randint(1, 5, (L,), generator=g)] for p in ("q_proj", "v_proj", "o_proj")} if dense else {}
     cfg = AdapterConfig(base_model="tiny", base_shape=shape, method="dr-lora", scaling=scaling, ranks=ranks,
                         dense_ranks=dense_ranks, train_router=router)

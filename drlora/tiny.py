@@ -43,7 +43,7 @@ class TinySpec:
     num_experts_per_tok: int = 2
     max_position_embeddings: int = 512
     seed: int = 0
-    version: int = 1
+    version: int = 2  # 2: corpus with more variety, one token per digit
 
     @property
     def name(self) -> str:
@@ -59,7 +59,10 @@ def train_tokenizer(spec: TinySpec, out_dir: Path) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one token each, so that numbers tokenize regularly (arithmetic is learnable).
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,

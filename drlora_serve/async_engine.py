@@ -173,9 +173,12 @@ class AsyncLLMEngine:
         elif cmd[0] == "call":
             _, fn, fut = cmd
             try:
-                fut.set_result(fn(e))
+                result = fn(e)
             except BaseException as exc:
                 fut.set_exception(exc)
+            else:
+                self._adapters = e.list_adapters()
+                fut.set_result(result)
 
     def _run(self) -> None:
         e = self.engine

@@ -89,7 +89,12 @@ class AdapterPool:
             raise ValueError(f"invalid adapter name {name!r}")
         if name in self.current and not replace:
             raise ValueError(f"adapter '{name}' is already loaded (use replace to swap it)")
-        adapter = read_any_adapter(path, self.base)
+        return self.add(name, read_any_adapter(path, self.base), str(Path(path).resolve()), replace)
+
+    def add(self, name: str, adapter: Adapter, path: str = "", replace: bool = False) -> AdapterInfo:
+        """Register an adapter already in memory (tensors on any device)."""
+        if name in self.current and not replace:
+            raise ValueError(f"adapter '{name}' is already loaded (use replace to swap it)")
         cfg = adapter.config
         top = max([max(map(max, r)) for r in cfg.ranks.values()] + [max(r) for r in cfg.dense_ranks.values()] + [0])
         if top > self.max_lora_rank:
@@ -98,7 +103,7 @@ class AdapterPool:
         if err:
             raise AdapterFormatError(f"adapter '{name}' {err}")
         old = self.current.get(name)
-        v = AdapterVersion(name, (old.version + 1) if old else 1, str(Path(path).resolve()), cfg.total_ranks(),
+        v = AdapterVersion(name, (old.version + 1) if old else 1, path, cfg.total_ranks(),
                            adapter, uid=next(_ids), last_used=time.monotonic())
         self.current[name] = v
         self.versions.append(v)
@@ -195,7 +200,8 @@ class AdapterPool:
             if drop is None:
                 break
             self.host.pop(drop.uid)
-            drop.adapter = None
+            if drop.path:  # adapters added from memory have no folder to re-read: keep them
+                drop.adapter = None
 
     def _host_get(self, v: AdapterVersion) -> Adapter:
         if v.adapter is None:

@@ -1,0 +1,206 @@
+"""Serving engine throughput at OLMoE-1B-7B shapes with random weights (no download).
+
+    python benchmarks/engine.py --out engine.json [--batches 1 16 64 128] [--skip-hf]
+
+Measures output tokens/s and per-token (decode step) latency of the drlora engine at several
+batch sizes, with no adapter and with 16 resident adapters whose per-expert ranks are
+DR-LoRA-like (8..32, mean ~16, skewed, seeded), beside transformers' `generate` on the same
+model shape (random weights too); and the device memory of the 16 adapters' packed buffers
+vs a padded layout (every expert at rank 32). Needs CUDA (refuses otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # benchmarks/kernels.py shadows the package
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import torch  # noqa: E402
+
+OLMOE_1B_7B = dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+                   num_experts_per_tok=8, max_position_embeddings=4096, rms_norm_eps=1e-5, norm_topk_prob=False,
+                   clip_qkv=None, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+                   tie_word_embeddings=False, eos_token_id=50279, pad_token_id=1, bos_token_id=None)
+
+
+class NullTokenizer:
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def dr_lora_ranks(shape, seed: int, lo: int = 8, hi: int = 32, mean: float = 16.0) -> dict:
+    """Skewed per-(layer, expert) ranks in [lo, hi]: lo + exponential tail, mean ~ `mean`."""
+    g = torch.Generator().manual_seed(seed)
+    L, E = shape.num_hidden_layers, shape.num_experts
+    out = {}
+    for p in ("gate", "up", "down"):
+        x = torch.empty(L, E).exponential_(1.0 / (mean - lo + 1.5), generator=g)
+        out[p] = (lo + x).round().clamp(lo, hi).long().tolist()
+    return out
+
+
+def make_adapter(shape, seed: int, device):
+    from drlora.adapter_format import Adapter, AdapterConfig
+
+    ranks = dr_lora_ranks(shape, seed)
+    cfg = AdapterConfig(base_model="olmoe-random", base_shape=shape, method="dr-lora", scaling=2.0, ranks=ranks,
+                        dtype="bfloat16")
+    g = torch.Generator(device=device).manual_seed(seed)
+    t = {}
+    for p, per_layer in ranks.items():
+        i, o = shape.proj_dims(p)
+        for l, r in enumerate(per_layer):
+            R = sum(r)
+            t[f"layers.{l}.experts.{p}.lora_A"] = torch.randn(R, i, generator=g, device=device, dtype=torch.bfloat16) * 0.01
+            t[f"layers.{l}.experts.{p}.lora_B"] = torch.randn(o, R, generator=g, device=device, dtype=torch.bfloat16) * 0.01
+    return Adapter(cfg, t)
+
+
+def run_engine(engine, batch: int, prompt_len: int, out_len: int, adapters: list[str | None]) -> dict:
+    from drlora_serve.types import SamplingParams
+
+    sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        toks = torch.randint(10, engine.runner.config["vocab_size"] - 10, (prompt_len,), generator=g).tolist()
+        engine.add_request(f"b{batch}-{i}-{time.monotonic_ns()}", toks, sp, adapters[i % len(adapters)])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    decode_times = []
+    while engine.has_unfinished():
+        s = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - s
+        if not any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running):
+            decode_times.append(dt)
+    total = time.perf_counter() - t0
+    decode_times = decode_times[1:] or decode_times  # first may include the last prefill
+    return {"batch": batch, "output_tok_s": batch * out_len / total,
+            "per_token_latency_ms": 1000 * sum(decode_times) / max(len(decode_times), 1), "wall_s": total}
+
+
+def run_hf(config: dict, batch: int, prompt_len: int, out_len: int) -> dict:
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    cfg = OlmoeConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = OlmoeForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    ids = torch.randint(10, 50000, (batch, prompt_len), device="cuda")
+    with torch.no_grad():
+        model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len, min_new_tokens=out_len,
+                       do_sample=False, pad_token_id=1)
+        torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    del model
+    torch.cuda.empty_cache()
+    return {"batch": batch, "output_tok_s": batch * out_len / total, "per_token_latency_ms": 1000 * total / out_len,
+            "wall_s": total}
+
+
+def adapter_memory(engine, names: list[str]) -> dict:
+    buf = engine.runner.lora
+    s = engine.runner.shape
+    elt = torch.empty((), dtype=buf.dtype).element_size()
+    exact = padded = 0
+    for n in names:
+        a = engine.pool.current[n]
+        adapter = engine.pool._host_get(a)
+        for p, per_layer in adapter.config.ranks.items():
+            i, o = s.proj_dims(p)
+            for r in per_layer:
+                exact += sum(r) * (i + o) * elt
+                padded += len(r) * 32 * (i + o) * elt
+    return {"rank_exact_bytes": exact, "padded_rank32_bytes": padded, "pool_allocated_bytes": buf.nbytes,
+            "saving": 1 - exact / padded}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 128])
+    ap.add_argument("--hf-batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--num-adapters", type=int, default=16)
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--skip-hf", action="store_true", help="skip transformers' generate")
+    ap.add_argument("--out", default="engine_benchmark.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/engine.py needs a CUDA GPU (none found); nothing run.")
+        return 2
+
+    import transformers
+
+    from drlora.models import MoeShape
+    from drlora_serve.config import EngineArgs
+    from drlora_serve.engine import LLMEngine
+    from drlora_serve.model_runner import ModelRunner
+    from drlora_serve.models.olmoe import OlmoeForServing
+
+    dev = torch.device("cuda")
+    shape = MoeShape.from_config(OLMOE_1B_7B)
+    adapters = [make_adapter(shape, 1000 + i, dev) for i in range(args.num_adapters)]
+    rows = max(sum(sum(a.config.ranks[p][l]) for a in adapters) for p in ("gate", "up", "down")
+               for l in range(shape.num_hidden_layers))
+    eargs = EngineArgs(model="olmoe-random", dtype="bfloat16", device="cuda", max_loras=args.num_adapters,
+                       lora_pool_rank_rows=rows, lora_dense_rank_rows=16, max_num_seqs=max(args.batches),
+                       max_num_batched_tokens=8192, enforce_eager=args.enforce_eager, max_model_len=4096)
+    model = OlmoeForServing.random(OLMOE_1B_7B, torch.bfloat16, dev)
+    runner = ModelRunner(eargs, None, model=model, config=OLMOE_1B_7B)
+    engine = LLMEngine(eargs, model_dir=".", runner=runner, tokenizer=NullTokenizer())
+    names = [f"ad{i}" for i in range(args.num_adapters)]
+    for n, a in zip(names, adapters):
+        engine.pool.add(n, a)
+    del adapters
+    run_engine(engine, 4, 16, 8, [None])  # warm up (Triton compile, graphs)
+    run_engine(engine, 4, 16, 8, names)
+    results = {"engine": {"no_adapter": [], "adapters_16": []}, "hf_generate": []}
+    for b in args.batches:
+        results["engine"]["no_adapter"].append(run_engine(engine, b, args.prompt_len, args.output_len, [None]))
+        results["engine"]["adapters_16"].append(run_engine(engine, b, args.prompt_len, args.output_len, names))
+    results["adapter_memory"] = adapter_memory(engine, names)
+    results["kv_blocks"] = engine.blocks.num_blocks
+    del engine, runner, model
+    torch.cuda.empty_cache()
+    if not args.skip_hf:
+        for b in args.hf_batches:
+            results["hf_generate"].append(run_hf(OLMOE_1B_7B, b, args.prompt_len, args.output_len))
+    results["meta"] = {"device": torch.cuda.get_device_name(0), "date": datetime.datetime.now().isoformat(),
+                       "torch": torch.__version__, "transformers": transformers.__version__,
+                       "python": platform.python_version(), "prompt_len": args.prompt_len,
+                       "output_len": args.output_len, "cuda_graphs": not args.enforce_eager}
+    print(f"{'system':<22}{'batch':>6}{'out tok/s':>12}{'ms/token':>10}")
+    for label, rows_ in (("engine, no adapter", results["engine"]["no_adapter"]),
+                         (f"engine, {args.num_adapters} adapters", results["engine"]["adapters_16"]),
+                         ("transformers generate", results["hf_generate"])):
+        for r in rows_:
+            print(f"{label:<22}{r['batch']:>6}{r['output_tok_s']:>12.1f}{r['per_token_latency_ms']:>10.2f}")
+    m = results["adapter_memory"]
+    print(f"adapter buffers: rank-exact {m['rank_exact_bytes'] / 2**30:.2f} GiB vs padded (rank 32) "
+          f"{m['padded_rank32_bytes'] / 2**30:.2f} GiB ({100 * m['saving']:.0f}% less); pool allocated "
+          f"{m['pool_allocated_bytes'] / 2**30:.2f} GiB")
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Continuous batching: decode and (chunked) prefill under a per-step token budget.
 
-Each step: (1) running sequences first, in admission order, one token for a decode or the
-next chunk of a prefill; when blocks run out the most recently admitted running sequence is
+Each step: (1) running sequences first (decodes, then prefill chunks, each in admission
+order), one token for a decode or the next chunk of a prefill; when blocks run out the most recently admitted running sequence is
 preempted (blocks freed, recomputed later: never a failure). (2) If nothing was preempted,
 waiting sequences are admitted: preempted ones first, then round-robin over the adapters'
 waiting queues (base model = one more queue) so that one tenant's burst cannot starve the
@@ -64,12 +64,16 @@ class Scheduler:
         out = ScheduledBatch()
         budget = self.max_tokens
         scheduled: set[int] = set()
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        # decodes first (one token each), then prefill chunks, each group in admission order
+        order = [s for s in self.running if not s.in_prefill] + [s for s in self.running if s.in_prefill]
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq not in self.running:  # preempted by an earlier sequence of this step
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_append(seq, n):
-                victim = self.running[-1]
+                victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is seq:
@@ -79,7 +83,6 @@ class Scheduler:
                 out.chunks.append((seq, n))
                 scheduled.add(id(seq))
                 budget -= n
-                i += 1
         if out.num_preempted == 0:
             budget = self._admit(out, budget)
         return out

@@ -19,6 +19,7 @@ from server.adapters import AdapterWatcher
 from server.auth import ApiKeyMiddleware
 from server.errors import install_handlers
 from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.protocol import ErrorResponse, ModelList
 from server.state import ServerConfig, ServerState, get_state
 
 log = logging.getLogger("drlora.server")
@@ -85,7 +86,7 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
     async def version() -> dict:
         return {"version": _version()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def list_models(request: Request) -> JSONResponse:
         state = get_state(request)
         base = state.base_name
@@ -101,7 +102,35 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(adapters.router)
+    _document_errors(app)
     return app
+
+
+def _document_errors(app: FastAPI) -> None:
+    """The schema should say what the server does: validation errors are 400 with the
+    OpenAI error body (FastAPI would advertise 422)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(error.pop("$defs", {}))
+        schemas["ErrorResponse"] = error
+        ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                responses = op.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = {"description": "Bad request", **ref}
+                if path is not schema["paths"].get("/health"):
+                    responses.setdefault("default", {"description": "Error", **ref})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _version() -> str:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from drlora_serve.types import RequestOutput, TokenLogprob
 from server import generation as g
 from server.errors import bad_request, sse_error
-from server.protocol import ChatCompletionRequest
+from server.protocol import ChatCompletionRequest, ChatCompletionResponse
 from server.state import ServerState, get_state
 
 router = APIRouter()
@@ -53,7 +53,7 @@ def _usage(ids: list[int], out: RequestOutput | None) -> dict:
     return {"prompt_tokens": len(ids), "completion_tokens": ct, "total_tokens": len(ids) + ct}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}})
 async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     state = get_state(request)
     adapter = state.adapter_for(req.model)

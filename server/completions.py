@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from drlora_serve.types import CompletionOutput, RequestOutput, TokenLogprob
 from server import generation as g
 from server.errors import sse_error
-from server.protocol import CompletionRequest
+from server.protocol import CompletionRequest, CompletionResponse
 from server.state import ServerState, get_state
 
 router = APIRouter()
@@ -89,7 +89,7 @@ def _usage(prompts: list[Prompt], outs: dict[int, RequestOutput]) -> dict:
     return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={200: {"model": CompletionResponse}})
 async def create_completion(req: CompletionRequest, request: Request):
     state = get_state(request)
     adapter = state.adapter_for(req.model)

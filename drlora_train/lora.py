@@ -6,7 +6,8 @@ A_p (E, r_max, in) (Kaiming-uniform) and B_p (E, out, r_max) (zero). One boolean
 active ranks of expert e are always the prefix [0, r_e) (growth appends, trimming pops), so
 the mask is equivalent to a rank per expert and packing for the adapter is a slice.
 
-# T tokens, E experts, R rank (r_max), H hidden, I intermediate, K top-k
+# T tokens, E experts, R rank (r_max), H hidden, I intermediate, K top-k, N = T*K routed
+# slots, C slots of the busiest expert
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class MoeLoraExperts(nn.Module):
                              persistent=False)
         self.token_mask: torch.Tensor | None = None  # (T,) valid tokens of the current batch
         self.record = False
+        self.impl = "auto"  # auto | loop | padded (see forward)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -109,31 +111,73 @@ class MoeLoraExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states: T, H; top_k_index, top_k_weights: T, K
-        base, E, I = self.base, self.num_experts, self.intermediate_dim
         if self.record:
             self._record(top_k_index, top_k_weights)
+        counts = torch.bincount(top_k_index.flatten(), minlength=self.num_experts)  # E
+        impl = self.impl
+        if impl == "auto":  # padding to the busiest expert wastes at most 4x: batch it
+            impl = "padded" if int(counts.max()) * self.num_experts <= 4 * top_k_index.numel() else "loop"
+        if impl == "padded":
+            return self._forward_padded(hidden_states, top_k_index, top_k_weights, counts)
+        return self._forward_loop(hidden_states, top_k_index, top_k_weights, counts)
+
+    def _forward_loop(self, hidden_states, top_k_index, top_k_weights, counts) -> torch.Tensor:
+        """One expert at a time (like transformers' eager experts)."""
+        base, I = self.base, self.intermediate_dim
         # unbind once: indexing [e] per expert would make autograd build one full-size
         # (E, R, in) grad per expert; unbind's backward is a single stack
-        A_m = {p: ((self.lora_A[p] * self.mask[:, :, None]).unbind(0), self.lora_B[p].unbind(0))
-               for p in self.spec.targets}  # E x (R, in), E x (out, R)
+        ab = {p: ((self.lora_A[p] * self.mask[:, :, None]).unbind(0), self.lora_B[p].unbind(0))
+              for p in self.spec.targets}  # E x (R, in), E x (out, R)
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            hit = torch.bincount(top_k_index.flatten(), minlength=E).nonzero().flatten().tolist()
-        for e in hit:
+        for e in counts.nonzero().flatten().tolist():
             tok, pos = torch.where(top_k_index == e)  # n
             x = hidden_states[tok]  # n, H
             gate_up = x @ base.gate_up_proj[e].T  # n, 2I
             gate, up = gate_up[:, :I], gate_up[:, I:]
-            if "gate" in A_m:
-                gate = gate + self._delta("gate", e, x, A_m)
-            if "up" in A_m:
-                up = up + self._delta("up", e, x, A_m)
+            if "gate" in ab:
+                gate = gate + self._delta("gate", e, x, ab)
+            if "up" in ab:
+                up = up + self._delta("up", e, x, ab)
             h = base.act_fn(gate) * up  # n, I
             y = h @ base.down_proj[e].T  # n, H
-            if "down" in A_m:
-                y = y + self._delta("down", e, h, A_m)
+            if "down" in ab:
+                y = y + self._delta("down", e, h, ab)
             y = y * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+    def _forward_padded(self, hidden_states, top_k_index, top_k_weights, counts) -> torch.Tensor:
+        """All experts in batched matmuls over a (E, C, .) buffer, C the busiest expert's load."""
+        base, E, I = self.base, self.num_experts, self.intermediate_dim
+        T, K = top_k_index.shape
+        flat = top_k_index.flatten()  # N = T*K
+        order = torch.argsort(flat, stable=True)  # N
+        ex = flat[order]  # N  expert of each sorted slot
+        start = torch.cumsum(counts, 0) - counts  # E
+        slot = torch.arange(flat.numel(), device=flat.device) - start[ex]  # N  row within expert
+        tok = order // K  # N  source token
+        C = int(counts.max())
+        x = hidden_states.new_zeros(E, C, hidden_states.shape[-1])
+        x[ex, slot] = hidden_states[tok]  # E, C, H
+        dt = x.dtype
+
+        def delta(p, inp):  # E, C, in -> E, C, out
+            A = (self.lora_A[p] * self.mask[:, :, None]).to(dt)  # E, R, in
+            return torch.bmm(torch.bmm(inp, A.transpose(1, 2)), self.lora_B[p].to(dt).transpose(1, 2)) * self.scaling
+
+        gate_up = torch.bmm(x, base.gate_up_proj.transpose(1, 2))  # E, C, 2I
+        gate, up = gate_up[..., :I], gate_up[..., I:]
+        if "gate" in self.spec.targets:
+            gate = gate + delta("gate", x)
+        if "up" in self.spec.targets:
+            up = up + delta("up", x)
+        h = base.act_fn(gate) * up  # E, C, I
+        y = torch.bmm(h, base.down_proj.transpose(1, 2))  # E, C, H
+        if "down" in self.spec.targets:
+            y = y + delta("down", h)
+        y = y[ex, slot] * top_k_weights.flatten()[order, None]  # N, H
+        out = torch.zeros_like(hidden_states)
+        out.index_add_(0, tok, y.to(out.dtype))
         return out
 
     @torch.no_grad()

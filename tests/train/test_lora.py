@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from drlora_train.lora import LoraSpec, adapter_tensors, all_ranks, attach_lora, lora_parameters
@@ -19,10 +20,13 @@ def _randomise(layers, gen):
                 m.lora_B[p][~m.mask[:, None, :].expand_as(m.lora_B[p])] = 0.3
 
 
-def test_matches_merged_weights(tiny_path):
+@pytest.mark.parametrize("impl", ["loop", "padded"])
+def test_matches_merged_weights(tiny_path, impl):
     ref = load_tiny(tiny_path)
     model = copy.deepcopy(ref)
     layers = attach_lora(model, LoraSpec(r_max=8, targets=("gate", "up", "down")))
+    for m in layers:
+        m.impl = impl
     _randomise(layers, torch.Generator().manual_seed(0))
     I = layers[0].intermediate_dim
     with torch.no_grad():
@@ -39,9 +43,12 @@ def test_matches_merged_weights(tiny_path):
     assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
 
 
-def test_inactive_ranks_frozen_and_activation_is_noop(tiny_path):
+@pytest.mark.parametrize("impl", ["loop", "padded"])
+def test_inactive_ranks_frozen_and_activation_is_noop(tiny_path, impl):
     model = load_tiny(tiny_path)
     layers = attach_lora(model, LoraSpec(r_max=8))
+    for m in layers:
+        m.impl = impl
     for m in layers:
         m.set_ranks(torch.full((m.num_experts,), 3))
     A0 = {id(p): p.detach().clone() for p in lora_parameters(layers)}

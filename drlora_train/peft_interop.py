@@ -1,0 +1,216 @@
+"""Convert between drlora adapters and PEFT (0.21) LoRA folders on transformers-v5 OLMoE.
+
+PEFT's expert LoRA targets the fused parameters (`target_parameters`), one rank r for all
+experts (layout checked against peft 0.21.2, see tests/train/test_peft.py):
+- `mlp.experts.gate_up_proj` (E, 2I, H): lora_A (r*E, H) -> (E, r, H); lora_B (2I, r*E) ->
+  (2I, r, E), expert index fastest; delta_e = scaling * B[:, :, e] @ A[e].
+- `mlp.experts.down_proj` (E, H, I): lora_A (r*E, I), lora_B (H, r*E), same reshapes.
+- saved keys: `base_model.model.model.layers.{l}.mlp.experts[.base_layer].lora_{A,B}.weight`;
+  with both targets gate_up is the inner wrapper (`experts.base_layer`). The two are told
+  apart by shape (gate_up: in H, out 2I; down: in I, out H), never by nesting.
+- scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora).
+gate and up share one LoRA in PEFT, so drlora -> PEFT stacks them: A = [A_gate; A_up] and
+B = [[B_gate, 0], [0, B_up]], rank r_gate + r_up; an adapter without `gate` exports zero
+gate rows. Every expert is zero-padded to one rank r (the largest needed).
+
+Import only needs torch, safetensors and drlora: the serving engine calls `peft_to_drlora`.
+
+# E experts, R rank, H hidden, I intermediate
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from drlora.adapter_format import (DENSE_PROJS, AdapterConfig, AdapterFormatError, read_adapter,
+                                   write_adapter)
+from drlora.models import MoeShape
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model.model.layers"
+_EXPERT_KEY = re.compile(r"layers\.(\d+)\.mlp\.experts\.(?:base_layer\.)?lora_([AB])\.weight$")
+_DENSE_KEY = re.compile(r"layers\.(\d+)\.self_attn\.([qkvo]_proj)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def _per_expert(ad, l: int, p: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(A_e (r_e, in), B_e (out, r_e))] of one layer and projection."""
+    A, B, ranks = ad.expert_lora(l, p)
+    out, off = [], 0
+    for r in ranks:
+        out.append((A[off:off + r].float(), B[:, off:off + r].float()))
+        off += r
+    return out
+
+
+def drlora_to_peft(ad) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json dict, tensors) of a PEFT folder equal to the drlora adapter."""
+    cfg: AdapterConfig = ad.config
+    s = cfg.base_shape
+    E, H, I = s.num_experts, s.hidden_size, s.intermediate_size
+    if cfg.dense_ranks or cfg.train_router:
+        raise AdapterFormatError("export to PEFT supports expert LoRA only (no dense LoRA, no trained router)")
+    has_gu = any(p in cfg.ranks for p in ("gate", "up"))
+    has_d = "down" in cfg.ranks
+    r_gu = int((cfg.expert_ranks("gate") + cfg.expert_ranks("up")).max()) if has_gu else 0
+    r_d = int(cfg.expert_ranks("down").max()) if has_d else 0
+    r = max(r_gu, r_d, 1)
+    tensors: dict[str, torch.Tensor] = {}
+    for l in range(s.num_hidden_layers):
+        if has_gu:
+            A = torch.zeros(E, r, H)  # E, R, H
+            B = torch.zeros(2 * I, r, E)  # 2I, R, E
+            gate = _per_expert(ad, l, "gate") if "gate" in cfg.ranks else [(torch.zeros(0, H), torch.zeros(I, 0))] * E
+            up = _per_expert(ad, l, "up") if "up" in cfg.ranks else [(torch.zeros(0, H), torch.zeros(I, 0))] * E
+            for e in range(E):
+                (ag, bg), (au, bu) = gate[e], up[e]
+                rg, ru = ag.shape[0], au.shape[0]
+                A[e, :rg], A[e, rg:rg + ru] = ag, au
+                B[:I, :rg, e], B[I:, rg:rg + ru, e] = bg, bu
+            inner = ".base_layer" if has_d else ""
+            tensors[f"{PREFIX}.{l}.mlp.experts{inner}.lora_A.weight"] = A.reshape(E * r, H)
+            tensors[f"{PREFIX}.{l}.mlp.experts{inner}.lora_B.weight"] = B.reshape(2 * I, r * E)
+        if has_d:
+            A = torch.zeros(E, r, I)
+            B = torch.zeros(H, r, E)
+            for e, (a, b) in enumerate(_per_expert(ad, l, "down")):
+                A[e, :a.shape[0]], B[:, :a.shape[0], e] = a, b
+            tensors[f"{PREFIX}.{l}.mlp.experts.lora_A.weight"] = A.reshape(E * r, I)
+            tensors[f"{PREFIX}.{l}.mlp.experts.lora_B.weight"] = B.reshape(H, r * E)
+    targets = (["mlp.experts.gate_up_proj"] if has_gu else []) + (["mlp.experts.down_proj"] if has_d else [])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.base_model,
+              "r": r, "lora_alpha": cfg.scaling * r, "lora_dropout": 0.0, "bias": "none",
+              "target_modules": [], "target_parameters": targets, "use_rslora": False,
+              "use_dora": False, "fan_in_fan_out": False, "inference_mode": True,
+              "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+    return config, tensors
+
+
+def export_peft(adapter_dir: str | Path, out: str | Path) -> Path:
+    ad = read_adapter(adapter_dir)
+    config, tensors = drlora_to_peft(ad)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (out / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
+    return out
+
+
+def _scale(pc: dict, name: str, r: int) -> float:
+    """PEFT's scaling for one module (alpha_pattern / rank_pattern keys are regex suffixes)."""
+    alpha = pc.get("lora_alpha", 8)
+    for pat, a in (pc.get("alpha_pattern") or {}).items():
+        if re.search(pat, name):
+            alpha = a
+    return alpha / math.sqrt(r) if pc.get("use_rslora") else alpha / r
+
+
+def _compact(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop ranks that contribute nothing (zero A row or zero B column): zero padding."""
+    keep = (A.abs().sum(1) > 0) & (B.abs().sum(0) > 0)
+    return A[keep], B[:, keep]
+
+
+def peft_to_drlora(peft_dir: str | Path, base_shape: MoeShape) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """A PEFT LoRA folder (expert `target_parameters` and/or attention q/k/v/o_proj) as a
+    drlora adapter; zero-padded ranks are dropped, so a drlora export comes back exactly."""
+    peft_dir = Path(peft_dir)
+    try:
+        pc = json.loads((peft_dir / PEFT_CONFIG).read_text())
+        raw = load_file(str(peft_dir / PEFT_WEIGHTS))
+    except FileNotFoundError as exc:
+        raise AdapterFormatError(f"{peft_dir} is not a PEFT adapter folder ({Path(exc.filename).name} missing)") from None
+    except (json.JSONDecodeError, Exception) as exc:  # safetensors raises its own errors
+        raise AdapterFormatError(f"{peft_dir}: unreadable PEFT adapter ({exc})") from None
+    if pc.get("peft_type", "LORA") != "LORA" or pc.get("use_dora"):
+        raise AdapterFormatError(f"{peft_dir}: only plain LoRA can be imported (got {pc.get('peft_type')}, dora={pc.get('use_dora')})")
+    s = base_shape
+    L, E, H, I = s.num_hidden_layers, s.num_experts, s.hidden_size, s.intermediate_size
+    pairs: dict[tuple, dict[str, torch.Tensor]] = {}
+    for k, v in raw.items():
+        if m := _EXPERT_KEY.search(k):  # grouped by key prefix; classified by shape below
+            pairs.setdefault(("expert", int(m.group(1)), k[:m.start(2) - 5]), {})[m.group(2)] = v.float()
+        elif m := _DENSE_KEY.search(k):
+            pairs.setdefault(("dense", int(m.group(1)), m.group(2)), {})[m.group(3)] = v.float()
+        else:
+            raise AdapterFormatError(f"{peft_dir}: tensor {k} is not an OLMoE expert or attention LoRA")
+    for key in [k for k in pairs if k[0] == "expert"]:
+        d = pairs.pop(key)
+        if set(d) != {"A", "B"}:
+            raise AdapterFormatError(f"{peft_dir}: {key[2]} lacks lora_A or lora_B")
+        # gate_up: A (r*E, H), B (2I, r*E); down: A (r*E, I), B (H, r*E); (H, 2I) != (I, H) always
+        dims = (d["A"].shape[1], d["B"].shape[0])
+        proj = {(H, 2 * I): "gate_up", (I, H): "down"}.get(dims)
+        if proj is None:
+            raise AdapterFormatError(f"{peft_dir}: {key[2]} has shapes {dims} that fit no expert projection")
+        pairs[("expert", key[1], proj)] = d
+    if not pairs:
+        raise AdapterFormatError(f"{peft_dir}: no LoRA tensors")
+    base_r = int(pc.get("r", 8))
+    scaling = _scale(pc, "", base_r)
+    parts: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    dense: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    for (kind, l, proj), d in sorted(pairs.items()):
+        if set(d) != {"A", "B"} or l >= L:
+            raise AdapterFormatError(f"{peft_dir}: layer {l} {proj} lacks lora_A or lora_B, or is out of range")
+        A, B = d["A"], d["B"]
+        if kind == "dense":
+            r = A.shape[0]
+            dense[(l, proj)] = (A, B * (_scale(pc, f"layers.{l}.self_attn.{proj}", r) / scaling))
+            continue
+        r = A.shape[0] // E
+        A, B = A.reshape(E, r, -1), B.reshape(B.shape[0], r, E)  # E, R, in ; out, R, E
+        B = B * (_scale(pc, f"layers.{l}.mlp.experts.{proj}", r) / scaling)
+        names = [("gate", slice(0, I)), ("up", slice(I, 2 * I))] if proj == "gate_up" else [("down", slice(None))]
+        for p, rows in names:
+            parts[(l, p)] = [_compact(A[e], B[rows, :, e]) for e in range(E)]
+    ranks: dict[str, list[list[int]]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for p in ("gate", "up", "down"):
+        if not any(k[1] == p for k in parts):
+            continue
+        if all(a.shape[0] == 0 for (l, q), v in parts.items() if q == p for a, _ in v):
+            continue  # e.g. the zero gate rows of an up-only drlora export
+        ranks[p] = []
+        i, o = s.proj_dims(p)
+        for l in range(L):
+            per = parts.get((l, p), [(torch.zeros(0, i), torch.zeros(o, 0))] * E)
+            ranks[p].append([a.shape[0] for a, _ in per])
+            tensors[f"layers.{l}.experts.{p}.lora_A"] = torch.cat([a for a, _ in per])
+            tensors[f"layers.{l}.experts.{p}.lora_B"] = torch.cat([b for _, b in per], 1)
+    dense_ranks: dict[str, list[int]] = {}
+    for p in DENSE_PROJS:
+        if not any(k[1] == p for k in dense):
+            continue
+        i, o = s.proj_dims(p)
+        dense_ranks[p] = []
+        for l in range(L):
+            A, B = dense.get((l, p), (torch.zeros(0, i), torch.zeros(o, 0)))
+            dense_ranks[p].append(A.shape[0])
+            tensors[f"layers.{l}.self_attn.{p}.lora_A"], tensors[f"layers.{l}.self_attn.{p}.lora_B"] = A, B
+    cfg = AdapterConfig(base_model=str(pc.get("base_model_name_or_path") or "unknown"), base_shape=s,
+                        method="peft-import", scaling=float(scaling), ranks=ranks, dense_ranks=dense_ranks,
+                        provenance={"imported_from": str(peft_dir.resolve()), "peft_r": base_r,
+                                    "peft_lora_alpha": pc.get("lora_alpha"),
+                                    "peft_version": pc.get("peft_version")})
+    return cfg, tensors
+
+
+def import_peft(peft_dir: str | Path, out: str | Path, model: str | None = None) -> Path:
+    """CLI helper: resolve the base model's shape, convert, write a drlora adapter folder."""
+    from drlora.models import resolve_model
+
+    pc = json.loads((Path(peft_dir) / PEFT_CONFIG).read_text()) if (Path(peft_dir) / PEFT_CONFIG).is_file() else {}
+    spec = model or pc.get("base_model_name_or_path")
+    if not spec:
+        raise AdapterFormatError("the PEFT config names no base model: pass --model")
+    cfg, tensors = peft_to_drlora(peft_dir, MoeShape.from_model_dir(resolve_model(spec)))
+    if model:
+        cfg.base_model = model
+    return write_adapter(out, cfg, tensors)

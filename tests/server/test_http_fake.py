@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -28,7 +29,24 @@ def server(tmp_path_factory):
     s = ServerProcess(fake_server_cmd("--adapters", str(tmp / "adapters")),
                       env={"FAKE_DELAY": "0.02", "VLLM_API_KEY": "k1"}, log=tmp / "log.txt")
     yield s
+    # graceful shutdown: a stream in flight when SIGINT arrives still finishes
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", s.url + "/v1/completions", headers={"Authorization": "Bearer k1"},
+                          json={"prompt": "x", "max_tokens": 40, "stream": True}, timeout=30) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(10)
     assert s.stop() == 0, s.tail()
+    t.join(30)
+    assert lines[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(lines)
     assert "Application shutdown complete" in s.tail()
 
 

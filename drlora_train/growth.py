@@ -46,12 +46,13 @@ def plan_schedule(total_steps: int, warmup_steps: int, t_grow: int = 200, t_buff
                   min_events: int = 4) -> Schedule:
     """Events at t_warmup + k * T_grow, k = 1..n_events, n_events = floor((t_end - t_warmup) / T_grow).
 
-    Short runs: T_buffer shrinks to at most 10% of the run and T_grow so that at least
+    Short runs: T_buffer shrinks to about 10% of the run (at least 1 step) and T_grow so that at least
     `min_events` events fit (each change is reported in `notes`)."""
     notes = []
-    if t_buffer > total_steps // 10:
-        notes.append(f"T_buffer {t_buffer} -> {total_steps // 10} (short run: at most 10% of {total_steps} steps)")
-        t_buffer = total_steps // 10
+    cap = max(1, total_steps // 10) if total_steps >= 2 else 0  # >= 1 step to train the last growth
+    if t_buffer > cap:
+        notes.append(f"T_buffer {t_buffer} -> {cap} (short run: about 10% of {total_steps} steps)")
+        t_buffer = cap
     t_end = total_steps - t_buffer
     t_warmup = min(warmup_steps, max(t_end - 1, 0))
     span = t_end - t_warmup

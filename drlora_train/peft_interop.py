@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from drlora.adapter_format import (DENSE_PROJS, AdapterConfig, AdapterFormatError, read_adapter,
@@ -97,7 +98,10 @@ def export_peft(adapter_dir: str | Path, out: str | Path) -> Path:
     config, tensors = drlora_to_peft(ad)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+    # PEFT ignores safetensors metadata; the exact ranks there make the round trip exact even
+    # for ranks whose B is still zero (which the zero-padding rule would otherwise drop)
+    meta = {"format": "pt", "drlora_ranks": json.dumps(ad.config.ranks)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / PEFT_WEIGHTS), metadata=meta)
     (out / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
     return out
 
@@ -119,11 +123,14 @@ def _compact(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def peft_to_drlora(peft_dir: str | Path, base_shape: MoeShape) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """A PEFT LoRA folder (expert `target_parameters` and/or attention q/k/v/o_proj) as a
-    drlora adapter; zero-padded ranks are dropped, so a drlora export comes back exactly."""
+    drlora adapter. Ranks: exact when the file carries our export's `drlora_ranks` metadata,
+    else zero padding (zero A row or zero B column: a no-op rank) is dropped."""
     peft_dir = Path(peft_dir)
     try:
         pc = json.loads((peft_dir / PEFT_CONFIG).read_text())
         raw = load_file(str(peft_dir / PEFT_WEIGHTS))
+        with safe_open(str(peft_dir / PEFT_WEIGHTS), "pt") as f:
+            exact = json.loads((f.metadata() or {}).get("drlora_ranks", "null"))
     except FileNotFoundError as exc:
         raise AdapterFormatError(f"{peft_dir} is not a PEFT adapter folder ({Path(exc.filename).name} missing)") from None
     except (json.JSONDecodeError, Exception) as exc:  # safetensors raises its own errors
@@ -168,15 +175,25 @@ def peft_to_drlora(peft_dir: str | Path, base_shape: MoeShape) -> tuple[AdapterC
         A, B = A.reshape(E, r, -1), B.reshape(B.shape[0], r, E)  # E, R, in ; out, R, E
         B = B * (_scale(pc, f"layers.{l}.mlp.experts.{proj}", r) / scaling)
         names = [("gate", slice(0, I)), ("up", slice(I, 2 * I))] if proj == "gate_up" else [("down", slice(None))]
+        first = [0] * E  # drlora layout: per expert, gate ranks, then up ranks, then padding
         for p, rows in names:
-            parts[(l, p)] = [_compact(A[e], B[rows, :, e]) for e in range(E)]
+            if exact is not None:
+                rk = exact[p][l] if p in exact else [0] * E
+                parts[(l, p)] = [(A[e, first[e]:first[e] + rk[e]], B[rows, first[e]:first[e] + rk[e], e])
+                                 for e in range(E)]
+                first = [f + x for f, x in zip(first, rk)]
+                if max(first) > r:
+                    raise AdapterFormatError(f"{peft_dir}: drlora_ranks metadata exceeds the stored rank {r}")
+            else:
+                parts[(l, p)] = [_compact(A[e], B[rows, :, e]) for e in range(E)]
     ranks: dict[str, list[list[int]]] = {}
     tensors: dict[str, torch.Tensor] = {}
     for p in ("gate", "up", "down"):
         if not any(k[1] == p for k in parts):
             continue
         if all(a.shape[0] == 0 for (l, q), v in parts.items() if q == p for a, _ in v):
-            continue  # e.g. the zero gate rows of an up-only drlora export
+            if exact is None or p not in exact:
+                continue  # e.g. the zero gate rows of an up-only export
         ranks[p] = []
         i, o = s.proj_dims(p)
         for l in range(L):

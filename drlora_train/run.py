@@ -35,16 +35,24 @@ def pick_device(cfg: TrainConfig, d: dd.Dist) -> torch.device:
     return torch.device(dev)
 
 
-def load_model(path: Path, cfg: TrainConfig, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
 
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: Path, cfg: TrainConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar is the only one
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
     model.config.use_cache = False
-    return model, tok
+    return model
 
 
 def say(msg: str, d: dd.Dist) -> None:
@@ -62,8 +70,9 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output)
     mpath = resolve_model(cfg.model)
     shape = MoeShape.from_model_dir(mpath)
-    model, tok = load_model(mpath, cfg, device)
+    tok = load_tokenizer(mpath)
     train_ex, eval_ex = load_data(cfg.data, tok, cfg.max_length, cfg.eval_fraction, cfg.seed, cfg.eval_data)
+    model = load_model(mpath, cfg, device)
     torch.manual_seed(cfg.seed)  # the LoRA init: identical on every process
     spec = LoraSpec(cfg.r_max, cfg.alpha, tuple(cfg.targets))
     layers = attach_lora(model, spec)

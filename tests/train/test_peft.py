@@ -88,3 +88,24 @@ def test_import_peft_trained_uniform_lora(tiny_path, tmp_path):
             q = pm.base_model.model.model.layers[l].self_attn.q_proj
             A, B = ad.dense_lora(l, "q_proj")
             assert torch.allclose(q.get_delta_weight("default"), ad.config.scaling * B @ A, atol=1e-6)
+
+
+def test_round_trip_keeps_zero_b_ranks_and_compacts_without_metadata(tiny_path, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _our_adapter(tiny_path, tmp_path / "ours", ("up", "down"))
+    ad = read_adapter(tmp_path / "ours")
+    r0 = ad.config.ranks["up"][0][0]
+    ad.tensors["layers.0.experts.up.lora_B"][:, r0 - 1] = 0  # a grown, never-trained rank
+    write_adapter(tmp_path / "ours", ad.config, ad.tensors)
+    export_peft(tmp_path / "ours", tmp_path / "peft")
+    shape = MoeShape.from_model_dir(tiny_path)
+    cfg, tensors = peft_to_drlora(tmp_path / "peft", shape)
+    assert cfg.ranks == ad.config.ranks  # exact, thanks to the metadata
+    w = tmp_path / "peft" / "adapter_model.safetensors"
+    save_file(load_file(str(w)), str(w), metadata={"format": "pt"})  # as PEFT would save it
+    cfg2, tensors2 = peft_to_drlora(tmp_path / "peft", shape)
+    assert cfg2.ranks["up"][0][0] == r0 - 1  # the no-op rank is dropped as padding
+    assert cfg2.ranks["down"] == ad.config.ranks["down"]
+    write_adapter(tmp_path / "compact", cfg2, tensors2)
+    assert torch.allclose(read_adapter(tmp_path / "compact").expert_delta(0, "up"), ad.expert_delta(0, "up"))

@@ -1,0 +1,82 @@
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from drlora.adapter_format import read_adapter
+from drlora_train.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "arith.jsonl"
+
+
+def _serve_once(calls):
+    class H(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append((self.path, self.headers.get("Authorization"), json.loads(body)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.handle_request, daemon=True).start()
+    return srv
+
+
+def test_example_command_end_to_end(tmp_path, capsys):
+    calls = []
+    srv = _serve_once(calls)
+    out = tmp_path / "adapters" / "arith"
+    rc = main(["--model", "tiny", "--data", str(EXAMPLE), "--output", str(out), "--max-steps", "8",
+               "--r-init", "2", "--r-target", "4", "--r-max", "8", "--lr", "1e-3", "--batch-size", "4",
+               "--eval-max-examples", "4", "--eval-max-new-tokens", "4", "--no-progress",
+               "--push", f"http://127.0.0.1:{srv.server_port}", "--api-key", "k"])
+    assert rc == 0
+    ad = read_adapter(out)
+    assert ad.config.method == "drlora" and ad.config.provenance["steps"] == 8
+    assert "exact_match" in ad.config.provenance["eval"]
+    assert ad.config.expert_ranks("up").sum(1).tolist() == [64] * 4
+    assert (out / "ranks.png").stat().st_size > 1000
+    hist = json.loads((out / "rank_history.json").read_text())
+    assert hist[0]["step"] == 0 and hist[-1]["step"] == 8
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "rank_total"} <= set(log[1])
+    assert calls == [("/v1/load_lora_adapter", "Bearer k",
+                      {"lora_name": "arith", "lora_path": str(out.resolve()), "load_inplace": True})]
+    assert "push: loaded 'arith'" in capsys.readouterr().out
+    # export subcommand on the result
+    assert main(["export", "--format", "peft", str(out), str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    assert main(["import-peft", str(tmp_path / "peft"), str(tmp_path / "back"), "--model", "tiny"]) == 0
+    assert read_adapter(tmp_path / "back").config.ranks == ad.config.ranks
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--data", "x.jsonl"], "required: --output"),
+    (["--data", "missing.jsonl", "--output", "o", "--r-init", "20"], "r-init <= r-target"),
+    (["--data", "missing.jsonl", "--output", "o", "--method", "adalora"], "invalid choice"),
+    (["--data", "missing.jsonl", "--output", "o", "--targets", "up,qkv"], "--targets"),
+    (["--data", "missing.jsonl", "--output", "o", "--max-steps", "1"], "missing.jsonl: no such file"),
+    (["export", "--format", "peft", "nowhere", "o"], "nowhere is not a folder"),
+])
+def test_bad_input_is_one_line_exit_2(args, msg, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("drlora-train: error: ") and msg in err and "\n" not in err
+
+
+def test_console_script_without_subcommand(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "drlora_train.cli", "--data", str(tmp_path / "none.jsonl"),
+                        "--output", str(tmp_path / "o"), "--max-steps", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr

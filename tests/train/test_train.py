@@ -46,3 +46,14 @@ def test_resume_reproduces_uninterrupted_run(tiny_path, arith_file, tmp_path):
     h1 = (full / "rank_history.json").read_text()
     assert h1 == (resumed / "rank_history.json").read_text()
     assert len(__import__("json").loads(h1)) > 3  # growth happened before and after step 6
+
+
+def test_train_router_ships_router_weights(tiny_path, arith_file, tmp_path):
+    from tests.train.conftest import load_tiny
+
+    train(_cfg(tiny_path, arith_file, tmp_path / "r", method="lora", max_steps=4, train_router=True,
+               warmup_ratio=0.25))
+    ad = read_adapter(tmp_path / "r")
+    assert ad.config.train_router
+    base = load_tiny(tiny_path).model.layers[0].mlp.gate.weight
+    assert not torch.equal(ad.router_weight(0), base)  # trained after the 1 warm-up step

@@ -38,7 +38,7 @@ def test_example_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "adapters" / "arith"
     rc = main(["--model", "tiny", "--data", str(EXAMPLE), "--output", str(out), "--max-steps", "8",
                "--r-init", "2", "--r-target", "4", "--r-max", "8", "--lr", "1e-3", "--batch-size", "4",
-               "--eval-max-examples", "4", "--eval-max-new-tokens", "4", "--no-progress",
+               "--eval-max-examples", "4", "--eval-max-new-tokens", "4", "--no-progress", "--device", "cpu",
                "--push", f"http://127.0.0.1:{srv.server_port}", "--api-key", "k"])
     assert rc == 0
     ad = read_adapter(out)

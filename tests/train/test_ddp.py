@@ -12,7 +12,7 @@ from drlora_train.config import TrainConfig
 from drlora_train.run import train
 
 KW = dict(r_init=2, r_target=4, r_max=8, batch_size=4, lr=5e-3, max_steps=10, eval_max_examples=2,
-          eval_max_new_tokens=1, progress=False, log_every=1000)
+          eval_max_new_tokens=1, progress=False, log_every=1000, device="cpu")
 
 
 def _worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:

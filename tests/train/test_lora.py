@@ -20,8 +20,13 @@ def _randomise(layers, gen):
                 m.lora_B[p][~m.mask[:, None, :].expand_as(m.lora_B[p])] = 0.3
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["loop", "padded"])
-def test_matches_merged_weights(tiny_path, impl):
+def test_matches_merged_weights(tiny_path, impl, device):
     ref = load_tiny(tiny_path)
     model = copy.deepcopy(ref)
     layers = attach_lora(model, LoraSpec(r_max=8, targets=("gate", "up", "down")))
@@ -38,7 +43,8 @@ def test_matches_merged_weights(tiny_path, impl):
                 ex.gate_up_proj[:, rows] += m.scaling * d
             d = torch.einsum("eor,eri->eoi", m.lora_B["down"] * mk[:, None], m.lora_A["down"])
             ex.down_proj += m.scaling * d
-        got, want = model(IDS).logits, ref(IDS).logits
+        model, ref = model.to(device), ref.to(device)  # randomised and merged on CPU
+        got, want = model(IDS.to(device)).logits, ref(IDS.to(device)).logits
     assert m.scaling == 2.0
     assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
 

@@ -8,7 +8,7 @@ from drlora_train.run import train
 from tests.train.conftest import FAVOURITES
 
 SMALL = dict(r_init=2, r_target=4, r_max=8, batch_size=4, lr=5e-3, eval_max_examples=4,
-             eval_max_new_tokens=2, progress=False, log_every=1000)
+             eval_max_new_tokens=2, progress=False, log_every=1000, device="cpu")
 
 
 def _cfg(model, data, out, **kw):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shlex
 import subprocess
@@ -91,7 +92,7 @@ def run_one(spec: RunSpec, s: Setup, work: Path) -> str:
     if (out / "drlora_adapter.json").exists():
         return f"{spec.name}: exists"
     cmd = [sys.executable, "-c", CHILD, *spec.argv(s, out)]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     (work / f"{spec.name}.log").write_text(p.stdout + p.stderr)

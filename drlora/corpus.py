@@ -37,16 +37,14 @@ _ADVS = "always never often sometimes again".split()
 
 def _number(rng: random.Random) -> int:
     """A non-negative integer of 1 to 3 digits, 2 digits most often."""
-    digits = rng.choices((1, 2, 3), weights=(3, 5, 3))[0]
+    digits = rng.choices((1, 2, 3), weights=(3, 6, 1))[0]
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
 
 
 def arithmetic(rng: random.Random) -> str:
-    op = rng.choices("+-*", weights=(5, 3, 2))[0]
-    if op == "*":  # products stay short: one operand has a single digit
-        a, b = rng.randint(0, 99), rng.randint(0, 9)
-        if rng.random() < 0.5:
-            a, b = b, a
+    op = rng.choices("+-*", weights=(6, 3, 1))[0]
+    if op == "*":  # products stay short: single-digit factors
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
     else:
         a, b = _number(rng), _number(rng)
     val = a + b if op == "+" else a - b if op == "-" else a * b
@@ -60,7 +58,9 @@ def _word(rng: random.Random) -> str:
 
 
 def string_transform(rng: random.Random) -> str:
-    word = _word(rng)
+    # Letters are spaced out (one token each), so the transformations are learnable by a
+    # tiny model; multi-letter BPE tokens would hide the spelling.
+    word = _word(rng)[:7]
     kind = rng.choice(["reverse", "upper", "sort", "double", "first", "last", "length"])
     out = {
         "reverse": word[::-1],
@@ -71,15 +71,16 @@ def string_transform(rng: random.Random) -> str:
         "last": word[-1],
         "length": str(len(word)),
     }[kind]
-    return f"{kind} {word} -> {out}"
+    return f"{kind} {' '.join(word)} -> {' '.join(out)}"
 
 
 def key_value(rng: random.Random) -> str:
-    keys = rng.sample(NAMES, rng.randint(2, 5))
+    keys = rng.sample(NAMES, rng.randint(2, 4))
     vals = [rng.randint(10, 99) for _ in keys]
     pairs = ", ".join(f"{k}={v}" for k, v in zip(keys, vals))
-    q = rng.randrange(len(keys))
-    return f"{pairs}. {keys[q]}? {vals[q]}"
+    # Several queries per line: more of the line's tokens need the lookup skill.
+    qs = rng.sample(range(len(keys)), rng.randint(1, len(keys)))
+    return f"{pairs}. " + " ".join(f"{keys[q]}? {vals[q]}" for q in qs)
 
 
 def code_like(rng: random.Random) -> str:

@@ -43,7 +43,7 @@ class TinySpec:
     num_experts_per_tok: int = 2
     max_position_embeddings: int = 512
     seed: int = 0
-    version: int = 2  # 2: corpus with more variety, one token per digit
+    version: int = 3  # 3: corpus with more variety, spaced letters, one token per digit
 
     @property
     def name(self) -> str:

@@ -25,6 +25,20 @@ from pretrain_tiny import PretrainConfig, family_stats  # same folder
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def corpus_format(task: str, prompt: str) -> str | None:
+    """The same question in the pretraining corpus's own format (a control: the base should
+    do these), or None where the corpus has no such format."""
+    if task == "plus":
+        a, b = prompt[:-1].split(" plus ")
+        return f"{a} + {b} ="
+    if task == "flip":
+        return f"reverse {prompt[5:-1]} ->"
+    if task == "lookup":
+        pairs, query = prompt[:-1].split(". get ")
+        return ", ".join(kv.replace(":", "=") for kv in pairs.split()) + f". {query}?"
+    return None
+
+
 @dataclass(frozen=True)
 class EvalTasksConfig:
     model: str = "tiny"
@@ -57,10 +71,18 @@ def main(argv: list[str] | None = None) -> None:
             outs = greedy_completions(model, tok, [r["prompt"] for r in recs], cfg.max_new_tokens,
                                       cfg.batch_size, torch.device("cpu"))
         hits = [o.strip() == r["completion"] for o, r in zip(outs, recs)]
+        control = None
+        if corpus_format(task, recs[0]["prompt"]) is not None:
+            with torch.no_grad():
+                outs_c = greedy_completions(model, tok, [corpus_format(task, r["prompt"]) for r in recs],
+                                            cfg.max_new_tokens, cfg.batch_size, torch.device("cpu"))
+            control = sum(o.strip() == r["completion"] for o, r in zip(outs_c, recs)) / len(recs)
         res["tasks"][task] = {"exact_match": sum(hits) / len(recs), "n": len(recs),
+                              "corpus_format_exact_match": control,
                               "samples": [[r["prompt"], r["completion"], o] for o, r in
                                           zip(outs[:3], recs[:3])]}
-        print(f"{task}: exact match {sum(hits)}/{len(recs)}; e.g. "
+        print(f"{task}: exact match {sum(hits)}/{len(recs)} (same items in the corpus format: "
+              f"{control}); e.g. "
               + "; ".join(f"{p!r} -> {o!r} (want {c!r})" for p, c, o in res["tasks"][task]["samples"][:2]),
               flush=True)
     ppl, _ = family_stats(model, tok, PretrainConfig())

@@ -35,9 +35,9 @@ def plus(rng: random.Random) -> tuple[str, str]:
 
 
 def flip(rng: random.Random) -> tuple[str, str]:
-    """Reverse a 3-5 letter string, asked with 'flip' (the corpus says 'reverse w -> ...')."""
+    """Reverse 3-5 spaced letters, asked with 'flip' (the corpus says 'reverse w o r d -> ...')."""
     word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
-    return f"flip {word}:", word[::-1]
+    return f"flip {' '.join(word)}:", " ".join(word[::-1])
 
 
 def lookup(rng: random.Random) -> tuple[str, str]:

@@ -34,12 +34,12 @@ class PretrainConfig:
     seed: int = 0
     data_seed: int = 1  # the tokenizer is trained on corpus seed 0; train on other lines
     eval_seed: int = 2
-    steps: int = 900
-    batch_size: int = 32
+    steps: int = 3000
+    batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 60
+    warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # Small, and the HF loss balances over the whole batch, not per family: a family may
@@ -47,7 +47,8 @@ class PretrainConfig:
     router_aux_loss_coef: float = 0.005
     eval_lines_per_family: int = 400
     threads: int = 1
-    log_every: int = 25
+    log_every: int = 50
+    eval_every: int = 500  # per-family held-out loss on a few lines, to watch skills form
     out: str = str(ASSET_DIR)
 
 
@@ -78,12 +79,13 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 @torch.no_grad()
-def family_stats(model, tok, cfg: PretrainConfig) -> tuple[dict, dict]:
+def family_stats(model, tok, cfg: PretrainConfig, n_lines: int | None = None) -> tuple[dict, dict]:
     """Per-family held-out perplexity and per-layer top-k routing counts."""
+    n_lines = n_lines or cfg.eval_lines_per_family
     model.eval()
     by_fam: dict[str, list[str]] = {f: [] for f in FAMILIES}
-    for fam, text in labelled_corpus(cfg.eval_lines_per_family * len(FAMILIES) * 3, seed=cfg.eval_seed):
-        if len(by_fam[fam]) < cfg.eval_lines_per_family:
+    for fam, text in labelled_corpus(n_lines * len(FAMILIES) * 3, seed=cfg.eval_seed):
+        if len(by_fam[fam]) < n_lines:
             by_fam[fam].append(text)
     E, L = model.config.num_experts, model.config.num_hidden_layers
     ppl, counts = {}, {}
@@ -197,6 +199,10 @@ def main(argv: list[str] | None = None) -> None:
                    "aux_loss": round(aux, 4), "lr": round(lr_at(cfg, step), 6),
                    "grad_norm": round(float(gnorm), 3), "elapsed_s": round(el, 1),
                    "tokens_per_s": round((step + 1) * x.numel() / el)}
+            if (step + 1) % cfg.eval_every == 0:
+                ppl, _ = family_stats(model, tok, cfg, n_lines=64)
+                rec["held_out_loss"] = {f: round(v["loss"], 3) for f, v in ppl.items()}
+                model.train()
             history.append(rec)
             print(json.dumps(rec), flush=True)
     train_s = time.time() - t_start

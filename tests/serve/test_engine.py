@@ -67,7 +67,7 @@ def test_no_block_leak_after_random_requests(engine, tokenizer):
     names = [None, "a", "b", "c"]
     live, n_done = [], 0
     for i in range(200):
-        toks = [rng.randrange(5, 2000) for _ in range(rng.randint(1, 40))]
+        toks = [rng.randrange(5, len(tokenizer)) for _ in range(rng.randint(1, 40))]
         sp = SamplingParams(max_tokens=rng.randint(0, 6), temperature=rng.choice([0, 1.0]), n=rng.choice([1, 1, 2]),
                             seed=rng.choice([None, i]), logprobs=rng.choice([None, 2]),
                             prompt_logprobs=rng.choice([None, None, 1]))
@@ -116,7 +116,7 @@ def test_stop_strings_tokens_and_n(engine, tokenizer):
         assert out.finish_reason == "stop"
         assert out.text == engine_text[:engine_text.index(stop)]
     # a stop token id: included in token ids, finish "stop"
-    engine.add_request("t2", toks, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[full.token_ids[3]]))
+    engine.add_request("t2", toks, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[full.token_ids[3]]))
     out = run_all(engine)["t2"].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:full.token_ids.index(full.token_ids[3]) + 1]
     # n > 1: independent sequences over one prompt

@@ -6,7 +6,7 @@ import torch
 from drlora_train.lora import LoraSpec, adapter_tensors, all_ranks, attach_lora, lora_parameters
 from tests.train.conftest import load_tiny
 
-IDS = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 3], [8, 600, 21, 4, 512, 13, 90, 250]])
+IDS = torch.tensor([[5, 17, 300, 42, 9, 700, 77, 3], [8, 600, 21, 4, 512, 13, 90, 250]])
 
 
 def _randomise(layers, gen):

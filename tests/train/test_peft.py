@@ -9,7 +9,7 @@ from drlora_train.lora import LoraSpec, adapter_tensors, attach_lora
 from drlora_train.peft_interop import export_peft, peft_to_drlora
 from tests.train.conftest import load_tiny
 
-IDS = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 3]])
+IDS = torch.tensor([[5, 17, 300, 42, 9, 700, 77, 3]])
 
 
 def _our_adapter(tiny_path, out, targets, seed=0):

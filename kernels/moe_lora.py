@@ -62,35 +62,34 @@ def lora_groups(topk_ids: torch.Tensor, slot_ids: torch.Tensor, num_slots: int):
     return valid[order], groups
 
 
-def moe_lora_shrink_torch(x, a, offsets, ranks, topk_ids, slot_ids, rank_bound, out=None):
-    n = topk_ids.numel()
-    div = _row_div(x, topk_ids)
-    u = out if out is not None else empty(n, rank_bound, dtype=torch.float32, device=x.device)
+def _lora_pairs(topk_ids, slot_ids, offsets, ranks):
+    """Per (expert, slot) group with a LoRA: (routed-pair indices, slot, row offset, rank)."""
     pairs, groups = lora_groups(topk_ids, slot_ids, offsets.shape[0])
     off, rk = offsets.tolist(), ranks.tolist()
     start = 0
     for e, s, c in groups:
         idx = pairs[start : start + c]
         start += c
-        o, r = off[s][e], rk[s][e]
-        if r:
-            u[idx, :r] = x[idx // div].float() @ a[o : o + r].float().T
+        if rk[s][e]:
+            yield idx, s, off[s][e], rk[s][e]
+
+
+def moe_lora_shrink_torch(x, a, offsets, ranks, topk_ids, slot_ids, rank_bound, out=None):
+    n = topk_ids.numel()
+    div = _row_div(x, topk_ids)
+    u = out if out is not None else empty(n, rank_bound, dtype=torch.float32, device=x.device)
+    for idx, s, o, r in _lora_pairs(topk_ids, slot_ids, offsets, ranks):
+        u[idx, :r] = x[idx // div].float() @ a[o : o + r].float().T
     return u
 
 
 def moe_lora_expand_torch(y, u, b, offsets, ranks, scales, topk_ids, slot_ids, y_col=0):
-    pairs, groups = lora_groups(topk_ids, slot_ids, offsets.shape[0])
-    off, rk, sc = offsets.tolist(), ranks.tolist(), scales.tolist()
+    sc = scales.tolist()
     out_dim = b.shape[1]
-    start = 0
-    for e, s, c in groups:
-        idx = pairs[start : start + c]
-        start += c
-        o, r = off[s][e], rk[s][e]
-        if r:
-            delta = (u[idx, :r] @ b[o : o + r].float()) * sc[s]
-            cols = slice(y_col, y_col + out_dim)
-            y[idx, cols] = (y[idx, cols].float() + delta).to(y.dtype)
+    for idx, s, o, r in _lora_pairs(topk_ids, slot_ids, offsets, ranks):
+        delta = (u[idx, :r] @ b[o : o + r].float()) * sc[s]
+        cols = slice(y_col, y_col + out_dim)
+        y[idx, cols] = (y[idx, cols].float() + delta).to(y.dtype)
     return y
 
 

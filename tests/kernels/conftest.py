@@ -47,7 +47,17 @@ def triton_on(device, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed(request):
     # fresh random inputs each run, but reproducible from the printed seed on failure
-    seed = int.from_bytes(os.urandom(4), "little")
+    # (DRLORA_TEST_SEED=N replays a failure)
+    seed = int(os.environ.get("DRLORA_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = (yield).get_result()
+    if rep.failed:
+        for key, value in item.user_properties:
+            if key == "seed":
+                rep.sections.append(("replay", f"DRLORA_TEST_SEED={value} pytest '{item.nodeid}'"))

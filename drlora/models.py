@@ -7,6 +7,7 @@ where the hub is reachable).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,3 +100,28 @@ class MoeShape:
         if proj not in dims:
             raise ValueError(f"unknown projection '{proj}'")
         return dims[proj]
+
+
+def weights_fingerprint(model_dir: str | Path, full_below: int = 64 << 20, window: int = 1 << 20) -> str | None:
+    """A cheap identity for a base model's weights (sha256[:16]) that adapters record, so that
+    an adapter served on other weights of the same shape can be told apart. Files under 64 MiB
+    are hashed whole; larger ones by name, size, header (tensor names, shapes, offsets) and three
+    1 MiB windows of data (start, middle, end), a few MiB per file even for OLMoE-1B-7B: any
+    retraining changes those windows. None when the folder holds no safetensors."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size < full_below:
+                h.update(fh.read())
+                continue
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, size)))
+            for pos in sorted({8 + n, max(8 + n, size // 2), max(8 + n, size - window)}):
+                fh.seek(pos)
+                h.update(fh.read(window))
+    return h.hexdigest()[:16]

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from drlora_serve.lora_buffers import LoraBuffers
 from drlora_serve.types import AdapterInfo, AdapterNotFoundError
 
 _ids = itertools.count()
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -74,8 +76,10 @@ def read_any_adapter(path: str | Path, base: MoeShape) -> Adapter:
 
 
 class AdapterPool:
-    def __init__(self, base: MoeShape, buffers: LoraBuffers, max_cpu_loras: int = 64, max_lora_rank: int = 256):
+    def __init__(self, base: MoeShape, buffers: LoraBuffers, max_cpu_loras: int = 64, max_lora_rank: int = 256,
+                 base_fingerprint: str | None = None):
         self.base, self.buffers = base, buffers
+        self.base_fingerprint = base_fingerprint  # drlora.models.weights_fingerprint of the served base
         self.max_cpu_loras, self.max_lora_rank = max_cpu_loras, max_lora_rank
         self.current: dict[str, AdapterVersion] = {}
         self.versions: list[AdapterVersion] = []  # every live version (current or still referenced)
@@ -102,6 +106,12 @@ class AdapterPool:
         err = self.buffers.capacity_error(adapter)
         if err:
             raise AdapterFormatError(f"adapter '{name}' {err}")
+        trained_on = cfg.provenance.get("base_fingerprint")
+        if trained_on and self.base_fingerprint and trained_on != self.base_fingerprint:
+            # same shape, other weights (a retrained base, a base vs instruct model): served, as vLLM
+            # and PEFT do, but said loudly, since outputs will not be what training measured
+            log.warning("adapter '%s' was trained on base weights %s, but the served base is %s",
+                        name, trained_on, self.base_fingerprint)
         old = self.current.get(name)
         v = AdapterVersion(name, (old.version + 1) if old else 1, path, cfg.total_ranks(),
                            adapter, uid=next(_ids), last_used=time.monotonic())

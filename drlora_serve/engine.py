@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from drlora.models import resolve_model
+from drlora.models import resolve_model, weights_fingerprint
 
 from drlora_serve.adapter_pool import AdapterPool
 from drlora_serve.block_manager import BlockManager
@@ -46,7 +46,8 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.eos_token_id = self.tokenizer.eos_token_id
         self.blocks = BlockManager(self.runner.kv.num_blocks, args.block_size, args.enable_prefix_caching)
-        self.pool = AdapterPool(self.runner.shape, self.runner.lora, args.max_cpu_loras, args.max_lora_rank)
+        self.pool = AdapterPool(self.runner.shape, self.runner.lora, args.max_cpu_loras, args.max_lora_rank,
+                                weights_fingerprint(self.model_dir))
         self.scheduler = Scheduler(self.blocks, self.pool, args.max_num_seqs, args.max_num_batched_tokens)
         self.sampler = Sampler(self.runner.device, args.seed)
         self.detok = Detokenizer(self.tokenizer)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from drlora.models import MoeShape, resolve_model
+from drlora.models import MoeShape, resolve_model, weights_fingerprint
 from drlora_train import checkpoint as ckpt
 from drlora_train import distributed as dd
 from drlora_train.config import ConfigError, TrainConfig
@@ -136,6 +136,7 @@ def train(cfg: TrainConfig) -> dict:
     if d.main:
         prov = {"trainer": "drlora_train", "method": cfg.method, "r_init": cfg.r_init,
                 "r_target": cfg.r_target, "r_max": cfg.r_max, "steps": run.step, "seed": cfg.seed,
+                "base_fingerprint": weights_fingerprint(mpath),
                 "data": str(Path(cfg.data).resolve()), "eval": metrics, "lr": cfg.lr,
                 "batch_size": cfg.batch_size, "world_size": d.world,
                 "growth": {"t_grow": sched.t_grow, "p_grow": cfg.p_grow, "gamma": cfg.gamma,

@@ -55,3 +55,40 @@ def test_shape_from_config(tiny_path):
     s = MoeShape.from_model_dir(tiny_path)
     assert s.proj_dims("up") == (s.hidden_size, s.intermediate_size)
     assert s.proj_dims("down") == (s.intermediate_size, s.hidden_size)
+
+
+def test_weights_fingerprint_tells_retrained_weights_apart(tiny_path, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from drlora.models import weights_fingerprint
+
+    fp = weights_fingerprint(tiny_path)
+    assert fp is not None and len(fp) == 16
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_path, copy)
+    assert weights_fingerprint(copy) == fp  # same bytes, other folder
+    # same shapes, one weight nudged in the middle of the file (another training run)
+    sd = load_file(copy / "model.safetensors")
+    names = sorted(sd)
+    mid = names[len(names) // 2]
+    sd[mid] = sd[mid] + 1e-3
+    save_file(sd, copy / "model.safetensors", metadata={"format": "pt"})
+    assert weights_fingerprint(copy) != fp
+    assert weights_fingerprint(tmp_path) is None
+
+
+def test_weights_fingerprint_windows_for_large_files(tiny_path, tmp_path):
+    import shutil
+
+    from drlora.models import weights_fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_path, copy)
+    f = copy / "model.safetensors"
+    a = weights_fingerprint(copy, full_below=0, window=4096)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1  # inside the middle window
+    f.write_bytes(bytes(data))
+    assert weights_fingerprint(copy, full_below=0, window=4096) != a

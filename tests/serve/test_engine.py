@@ -194,6 +194,30 @@ def test_bad_adapter_refused_engine_keeps_serving(engine, tiny_shape, tokenizer,
     assert len(out["ok"]) == 8
 
 
+def test_adapter_trained_on_other_base_weights_is_served_with_a_warning(engine, tiny_shape, tmp_path, caplog):
+    import json
+    import logging
+
+    from drlora.models import weights_fingerprint
+
+    path = make_adapter(tmp_path / "other", tiny_shape, seed=23, max_rank=2)
+    meta = path / "drlora_adapter.json"
+    cfg = json.loads(meta.read_text())
+    cfg["provenance"] = {"base_fingerprint": "0123456789abcdef"}
+    meta.write_text(json.dumps(cfg))
+    assert engine.pool.base_fingerprint == weights_fingerprint(engine.model_dir)
+    with caplog.at_level(logging.WARNING, logger="drlora_serve.adapter_pool"):
+        engine.load_adapter("other-base", str(path))
+    assert "trained on base weights 0123456789abcdef" in caplog.text
+    cfg["provenance"] = {"base_fingerprint": engine.pool.base_fingerprint}
+    meta.write_text(json.dumps(cfg))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="drlora_serve.adapter_pool"):
+        engine.load_adapter("other-base", str(path), replace=True)
+    assert "trained on base weights" not in caplog.text
+    engine.unload_adapter("other-base")
+
+
 def test_pool_eviction_and_compaction_keep_outputs(tiny_dir, tiny_shape, tokenizer, tmp_path):
     for i in range(5):
         make_adapter(tmp_path / f"z{i}", tiny_shape, seed=30 + i, max_rank=6)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from drlora.adapter_format import read_adapter
+from drlora.models import resolve_model, weights_fingerprint
 from drlora_train.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +45,7 @@ def test_example_command_end_to_end(tmp_path, capsys):
     ad = read_adapter(out)
     assert ad.config.method == "drlora" and ad.config.provenance["steps"] == 8
     assert "exact_match" in ad.config.provenance["eval"]
+    assert ad.config.provenance["base_fingerprint"] == weights_fingerprint(resolve_model("tiny"))
     assert ad.config.expert_ranks("up").sum(1).tolist() == [64] * 4
     assert (out / "ranks.png").stat().st_size > 1000
     hist = json.loads((out / "rank_history.json").read_text())

@@ -9,6 +9,11 @@ belongs to one group. All sizes are static upper bounds derived from (N, G, BM):
   L = round_up(N + min(N, G) * (BM - 1), BM)
 so nothing has to be read back to the host; kernels launch L // BM programs and
 early-exit on blocks >= num_blocks[0] (a device tensor).
+
+On the Triton path the whole alignment is one launch (kernels/_tl/align.py); `_align` is its
+torch twin (about 25 small ops). The twin keeps a stable order inside a group; the kernel
+places a group's pairs in atomic arrival order. Both are valid: every pair's result is
+computed on its own row, whatever its position.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels._dispatch import use_triton
+
+MAX_TRITON_PAIRS = 1 << 16  # one program walks all pairs: beyond this the twin's sort is faster
 
 @dataclass
 class MoeAlignment:
@@ -69,6 +77,34 @@ def _align(keys: torch.Tensor, valid: torch.Tensor | None, num_groups: int, bloc
     return sorted_ids, block_group, num_blocks
 
 
+def _align_triton(topk_ids: torch.Tensor, slot_ids: torch.Tensor | None, num_experts: int, num_slots: int,
+                  block_m: int) -> MoeAlignment:
+    from kernels._tl.align import moe_align_kernel
+
+    dev = topk_ids.device
+    n = topk_ids.numel()
+    s = num_slots if slot_ids is not None else 1
+    groups = num_experts * s
+    max_len = _max_len(n, groups, block_m)
+    nb = max_len // block_m
+    i32 = dict(dtype=torch.int32, device=dev)
+    scratch = torch.empty(groups + n, **i32)  # counts (G,) then pos (N,); cleared in the kernel
+    sorted_ids, block_expert = torch.empty(max_len, **i32), torch.empty(nb, **i32)
+    block_slot = torch.empty(nb, **i32) if slot_ids is not None else None
+    num_blocks = torch.empty(1, **i32)
+    ids = topk_ids.reshape(-1)
+    moe_align_kernel[(1,)](
+        ids, slot_ids if slot_ids is not None else ids, scratch, scratch[groups:], sorted_ids, block_expert,
+        block_slot if block_slot is not None else block_expert, num_blocks, n, groups, max_len, nb,
+        K=topk_ids.shape[1], S=s, HAS_SLOTS=slot_ids is not None, BM=block_m, BLOCK=1024, num_warps=8,
+    )
+    return MoeAlignment(sorted_ids, block_expert, block_slot, num_blocks, block_m, n)
+
+
+def _triton_ok(topk_ids: torch.Tensor) -> bool:
+    return use_triton(topk_ids) and 0 < topk_ids.numel() <= MAX_TRITON_PAIRS
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
     """Group routed pairs by expert, padded per expert to BM.
 
@@ -76,6 +112,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlig
     """
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be (T, K), got {tuple(topk_ids.shape)}")
+    if _triton_ok(topk_ids):
+        return _align_triton(topk_ids.contiguous(), None, num_experts, 1, block_m)
     keys = topk_ids.reshape(-1).to(torch.int64)
     sorted_ids, bg, nb = _align(keys, None, num_experts, block_m)
     return MoeAlignment(sorted_ids, bg.to(torch.int32), None, nb, block_m, keys.numel())
@@ -93,6 +131,9 @@ def moe_lora_align(
         raise ValueError(
             f"need topk_ids (T, K) and slot_ids (T,), got {tuple(topk_ids.shape)}, {tuple(slot_ids.shape)}"
         )
+    if _triton_ok(topk_ids) and num_slots > 0:
+        return _align_triton(topk_ids.contiguous(), slot_ids.to(torch.int32).contiguous(), num_experts,
+                             num_slots, block_m)
     k = topk_ids.shape[1]
     e = topk_ids.reshape(-1).to(torch.int64)
     s = slot_ids.to(torch.int64).repeat_interleave(k)

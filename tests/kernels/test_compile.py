@@ -17,7 +17,7 @@ IDX = ["sorted_ids_ptr", "block_expert_ptr", "block_slot_ptr", "num_blocks_ptr",
 
 
 def _cases():
-    from kernels._tl import attention, lora, moe_gemm
+    from kernels._tl import align, attention, lora, moe_gemm
 
     idx = {n: "*i32" for n in IDX}
     for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
@@ -27,6 +27,9 @@ def _cases():
             X_ROW_DIV=1, PRECISION=prec, UPCAST=False, BM=16, BR=16, BK=64)
         yield lora.lora_expand_kernel, {"u_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": "*fp32", "scales_ptr": "*fp32", **idx}, dict(
             PRECISION=prec, UPCAST=False, BM=16, BN=64, BR=16)
+    i32 = {n: "*i32" for n in ("topk_ids_ptr", "slot_ids_ptr", "counts_ptr", "pos_ptr", *IDX)}
+    for slots in (True, False):
+        yield align.moe_align_kernel, i32, dict(K=8, S=16 if slots else 1, HAS_SLOTS=slots, BM=16, BLOCK=1024)
     kv = {n: "*bf16" for n in ("q_ptr", "kc_ptr", "vc_ptr", "out_ptr", "k_ptr", "v_ptr")}
     yield attention.paged_decode_kernel, {**kv, "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "scale": "fp32"}, dict(
         G=4, BS=16, BSP=16, DP=64)

@@ -60,3 +60,60 @@ def test_moe_lora_align(T, K, E, S, bm, device):
 def test_dense_align_all_base(device):
     al = dense_lora_align(torch.full((5,), -1, dtype=torch.int32, device=device), 3, 16)
     assert int(al.num_blocks) == 0 and (al.sorted_ids == 5).all()
+
+
+def _twin(fn, *args):
+    import os
+
+    old = os.environ.pop("DRLORA_FORCE_TRITON", None)
+    try:
+        return fn(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+    finally:
+        if old is not None:
+            os.environ["DRLORA_FORCE_TRITON"] = old
+
+
+def _same_layout(al, tw):
+    """Block tables equal the twin's; pair order inside a group may differ (atomics)."""
+    assert int(al.num_blocks) == int(tw.num_blocks) and al.max_blocks == tw.max_blocks
+    assert al.block_expert.cpu().tolist() == tw.block_expert.tolist()
+    if tw.block_slot is not None:
+        assert al.block_slot.cpu().tolist() == tw.block_slot.tolist()
+    bm, sid, tsid = al.block_m, al.sorted_ids.cpu(), tw.sorted_ids
+    b = 0
+    while b < al.max_blocks and int(tw.block_expert[b]) >= 0:  # compare each group's pair set
+        e = b
+        while e < al.max_blocks and tw.block_expert[e] == tw.block_expert[b] and (
+            tw.block_slot is None or tw.block_slot[e] == tw.block_slot[b]
+        ):
+            e += 1
+        assert sorted(sid[b * bm : e * bm].tolist()) == sorted(tsid[b * bm : e * bm].tolist())
+        b = e
+
+
+@pytest.mark.parametrize("T,K,E,bm", [(1, 1, 4, 16), (1, 2, 6, 4), (7, 2, 5, 4), (40, 2, 3, 8), (300, 8, 64, 16)])
+def test_moe_align_triton(T, K, E, bm, triton_on):
+    ids = torch.randint(0, E, (T, K), dtype=torch.int32, device=triton_on)
+    ids[0, 0] = E - 1
+    al = moe_align(ids, E, bm)
+    keys = ids.reshape(-1).long().cpu()
+    for blk, g, _ in _check(al, keys, None, E, bm):
+        assert int(al.block_expert[blk]) == g
+    _same_layout(al, _twin(moe_align, ids, E, bm))
+
+
+@pytest.mark.parametrize("T,K,E,S,bm", [(1, 2, 4, 3, 4), (9, 2, 5, 3, 4), (12, 3, 6, 2, 16), (64, 8, 64, 16, 16)])
+def test_moe_lora_align_triton(T, K, E, S, bm, triton_on):
+    ids = torch.randint(0, E, (T, K), dtype=torch.int64, device=triton_on)  # int64 ids too
+    slots = torch.randint(-1, S, (T,), dtype=torch.int32, device=triton_on)
+    al = moe_lora_align(ids, slots, E, S, bm)
+    s = slots.long().cpu().repeat_interleave(K)
+    keys = ids.reshape(-1).long().cpu() * S + s.clamp(min=0)
+    for blk, g, _ in _check(al, keys, s >= 0, E * S, bm):
+        assert int(al.block_expert[blk]) == g // S and int(al.block_slot[blk]) == g % S
+    _same_layout(al, _twin(moe_lora_align, ids, slots, E, S, bm))
+
+
+def test_dense_align_all_base_triton(triton_on):
+    al = dense_lora_align(torch.full((5,), -1, dtype=torch.int32, device=triton_on), 3, 16)
+    assert int(al.num_blocks) == 0 and (al.sorted_ids.cpu() == 5).all() and (al.block_slot.cpu() == -1).all()

@@ -130,6 +130,7 @@ class AsyncLLMEngine:
         return list(self._adapters)
 
     async def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:
+        """Loads between engine steps; list_adapters() shows the change once this returns."""
         return await self._call(lambda e: e.load_adapter(name, path, replace))
 
     async def unload_adapter(self, name: str) -> None:

@@ -55,15 +55,6 @@ def _names(engine: EngineClient) -> dict[str, str]:
     return {a.name: a.path for a in engine.list_adapters()}
 
 
-async def _settle(engine: EngineClient, name: str, present: bool, timeout: float = 2.0) -> None:
-    """Wait (bounded) until list_adapters() shows the change: the engine may refresh that
-    list a moment after the load call returns, and a 200 must mean the name is usable."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while (name in _names(engine)) != present and loop.time() < deadline:
-        await asyncio.sleep(0.005)
-
-
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(req: LoadLoraAdapterRequest, request: Request) -> PlainTextResponse:
     state = get_state(request)
@@ -85,7 +76,6 @@ async def load_lora_adapter(req: LoadLoraAdapterRequest, request: Request) -> Pl
     except Exception as exc:  # noqa: BLE001 - a failed load never takes the server down
         log.warning("loading adapter %s from %s failed: %s", name, path, exc, exc_info=True)
         raise bad_request(f"Failed to load adapter '{name}': {exc}", "lora_path") from None
-    await _settle(state.engine, name, present=True)
     log.info("%s adapter %s from %s", "replaced" if exists else "loaded", name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -101,7 +91,6 @@ async def unload_lora_adapter(req: UnloadLoraAdapterRequest, request: Request) -
         await state.engine.unload_adapter(name)
     except AdapterNotFoundError:
         raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name") from None
-    await _settle(state.engine, name, present=False)
     log.info("unloaded adapter %s", name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 

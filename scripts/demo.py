@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-FIRST, SECOND, THIRD = "lookup", "flip", "calls"  # demo tasks (examples/<task>.train.jsonl)
+FIRST, SECOND, THIRD = "lookup", "flip", "caps"  # demo tasks (examples/<task>.train.jsonl)
 
 
 def say(msg: str) -> None:

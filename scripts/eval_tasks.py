@@ -33,6 +33,8 @@ def corpus_format(task: str, prompt: str) -> str | None:
         return f"{a} + {b} ="
     if task == "flip":
         return f"reverse {prompt[5:-1]} ->"
+    if task == "caps":
+        return f"upper {prompt[5:-1]} ->"
     if task == "lookup":
         pairs, query = prompt[:-1].split(". get ")
         return ", ".join(kv.replace(":", "=") for kv in pairs.split()) + f". {query}?"
@@ -42,7 +44,7 @@ def corpus_format(task: str, prompt: str) -> str | None:
 @dataclass(frozen=True)
 class EvalTasksConfig:
     model: str = "tiny"
-    tasks: tuple[str, ...] = ("plus", "flip", "lookup", "calls")
+    tasks: tuple[str, ...] = ("plus", "flip", "lookup", "calls", "caps")
     max_new_tokens: int = 8
     batch_size: int = 50
     threads: int = 1

@@ -40,6 +40,12 @@ def flip(rng: random.Random) -> tuple[str, str]:
     return f"flip {' '.join(word)}:", " ".join(word[::-1])
 
 
+def caps(rng: random.Random) -> tuple[str, str]:
+    """Upper-case 3-5 spaced letters, asked with 'caps' (the corpus says 'upper w o r d -> ...')."""
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
+    return f"caps {' '.join(word)}:", " ".join(word.upper())
+
+
 def lookup(rng: random.Random) -> tuple[str, str]:
     """Key-value lookup as 'k:v' pairs and a 'get k:' query (the corpus: 'k=v, ... k? v')."""
     keys = rng.sample(NAMES, rng.randint(3, 4))
@@ -66,12 +72,12 @@ def calls_key(prompt: str) -> str:
 
 
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "plus": plus, "flip": flip, "lookup": lookup, "calls": calls,
+    "plus": plus, "flip": flip, "lookup": lookup, "calls": calls, "caps": caps,
 }
 # What must differ between train and test (default: the prompt).
 KEYS: dict[str, Callable[[str], str]] = {"calls": calls_key}
 # Substrings of each task's format that must not occur in the pretraining corpus.
-NOT_IN_CORPUS = {"plus": " plus ", "flip": "flip ", "lookup": ". get ", "calls": ")="}
+NOT_IN_CORPUS = {"plus": " plus ", "flip": "flip ", "lookup": ". get ", "calls": ")=", "caps": "caps "}
 
 
 @dataclass(frozen=True)

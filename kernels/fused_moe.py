@@ -28,6 +28,7 @@ from kernels.moe_lora import (
     moe_lora_expand_triton,
     moe_lora_shrink_torch,
     moe_lora_shrink_triton,
+    silu_mul_triton,
 )
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -170,23 +171,25 @@ def fused_moe_triton(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: Mo
         la = moe_lora_align(topk_ids, slot_ids, e_num, lora.num_slots, lora_block_m(n))
     if lora_gu:
         gu = moe_gemm_triton(hidden, w_gate_up, align, empty(n, i2, dtype=torch.float32, device=dev), cfg_gu, k)
-        for p, col in (("gate", 0), ("up", i)):
-            if p in lora.a:
-                u = moe_lora_shrink_triton(hidden, lora.a[p], lora.offsets[p], lora.ranks[p], la, k, rb)
-                moe_lora_expand_triton(gu, u, lora.b[p], lora.offsets[p], lora.ranks[p], lora.scales, la, col)
-        h = (F.silu(gu[:, :i]) * gu[:, i:]).to(hidden.dtype)
+        ps = [p for p in ("gate", "up") if p in lora.a]
+        first, second = ps[0], (ps[1] if len(ps) == 2 else None)
+        two = None if second is None else (lora.a[second], lora.offsets[second], lora.ranks[second])
+        u = moe_lora_shrink_triton(hidden, lora.a[first], lora.offsets[first], lora.ranks[first], la, k, rb,
+                                   second=two)
+        two = None if second is None else (lora.b[second], lora.offsets[second], lora.ranks[second])
+        moe_lora_expand_triton(gu, u, lora.b[first], lora.offsets[first], lora.ranks[first], lora.scales, la,
+                               0 if first == "gate" else i, second=two, y_pcol=i)
+        h = silu_mul_triton(gu, hidden.dtype)
     else:
         cfg_act = gemm_config(n, e_num, i, hdim, hidden.dtype, dev)
         cfg_act["BM"] = cfg_gu["BM"]
         h = moe_gemm_triton(hidden, w_gate_up, align, empty(n, i, dtype=hidden.dtype, device=dev), cfg_act, k, fuse_act=True)
     y = empty(n, hdim, dtype=torch.float32, device=dev)
-    if lora_dn:
-        moe_gemm_triton(h, w_down, align_dn, y, cfg_dn, 1)
+    moe_gemm_triton(h, w_down, align_dn, y, cfg_dn, 1, routed=routed)
+    if lora_dn:  # the delta is added before the combine, so it is weighted like the base output
         u = moe_lora_shrink_triton(h, lora.a["down"], lora.offsets["down"], lora.ranks["down"], la, 1, rb)
-        moe_lora_expand_triton(y, u, lora.b["down"], lora.offsets["down"], lora.ranks["down"], lora.scales, la, 0)
-        y.view(n, hdim).mul_(routed.unsqueeze(1))
-    else:
-        moe_gemm_triton(h, w_down, align_dn, y, cfg_dn, 1, routed=routed)
+        moe_lora_expand_triton(y, u, lora.b["down"], lora.offsets["down"], lora.ranks["down"], lora.scales, la, 0,
+                               routed=routed)
     return y.view(t, k, hdim).sum(1).to(hidden.dtype)
 
 

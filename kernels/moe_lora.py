@@ -96,41 +96,66 @@ def moe_lora_expand_torch(y, u, b, offsets, ranks, scales, topk_ids, slot_ids, y
 # ----------------------------------------------------------------------------- triton launchers
 
 
-def moe_lora_shrink_triton(x, a, offsets, ranks, align: MoeAlignment, row_div, rank_bound, out=None):
+def moe_lora_shrink_triton(x, a, offsets, ranks, align: MoeAlignment, row_div, rank_bound, out=None, second=None):
+    """u (N, RM) fp32; with second = (a1, offsets1, ranks1), u (N, 2*RM) holds projection 1 in
+    columns [RM, 2RM): both projections (gate and up read the same x) in one launch."""
     from kernels._tl.lora import lora_shrink_kernel
 
     n = align.num_pairs
-    u = out if out is not None else empty(n, max(rank_bound, 1), dtype=torch.float32, device=x.device)
+    num_p = 1 if second is None else 2
+    width = max(rank_bound, 1)
+    u = out if out is not None else empty(n, num_p * width, dtype=torch.float32, device=x.device)
     if rank_bound == 0 or n == 0:
         return u
+    a1, off1, rk1 = second if second is not None else (a, offsets, ranks)
     in_dim = x.shape[1]
     bk = _pow2(in_dim, 16, 128 if x.dtype != torch.float32 else 64)
-    grid = (align.max_blocks, triton_cdiv(rank_bound, RANK_TILE))
+    grid = (align.max_blocks, triton_cdiv(rank_bound, RANK_TILE), num_p)
     lora_shrink_kernel[grid](
-        x, a, u, align.sorted_ids, align.block_expert, align.block_slot, align.num_blocks,
-        offsets, ranks, n, offsets.shape[1], in_dim, x.stride(0), a.stride(0), u.stride(0),
+        x, a, a1, u, align.sorted_ids, align.block_expert, align.block_slot, align.num_blocks,
+        offsets, ranks, off1, rk1, n, offsets.shape[1], in_dim, u.shape[1] // num_p,
+        x.stride(0), a.stride(0), u.stride(0),
         X_ROW_DIV=row_div, PRECISION=dot_precision(x.dtype), UPCAST=interp_upcast(x.dtype), BM=align.block_m, BR=RANK_TILE, BK=bk,
         num_warps=4,
     )
     return u
 
 
-def moe_lora_expand_triton(y, u, b, offsets, ranks, scales, align: MoeAlignment, y_col=0):
+def moe_lora_expand_triton(y, u, b, offsets, ranks, scales, align: MoeAlignment, y_col=0, second=None, y_pcol=0,
+                           routed=None):
+    """In place on y; with second = (b1, offsets1, ranks1), projection 1 reads u's second half
+    of columns and adds at y_col + y_pcol. routed (N,) fp32 multiplies the delta per pair."""
     from kernels._tl.lora import lora_expand_kernel
 
     n = align.num_pairs
     out_dim = b.shape[1]
     if n == 0:
         return y
+    num_p = 1 if second is None else 2
+    b1, off1, rk1 = second if second is not None else (b, offsets, ranks)
     bn = _pow2(out_dim, 16, 128 if b.dtype != torch.float32 else 64)
-    grid = (align.max_blocks, triton_cdiv(out_dim, bn))
+    grid = (align.max_blocks, triton_cdiv(out_dim, bn), num_p)
     lora_expand_kernel[grid](
-        u, b, y, scales, align.sorted_ids, align.block_expert, align.block_slot, align.num_blocks,
-        offsets, ranks, n, offsets.shape[1], out_dim, y_col, u.stride(0), b.stride(0), y.stride(0),
-        PRECISION=dot_precision(b.dtype), UPCAST=interp_upcast(b.dtype), BM=align.block_m, BN=bn, BR=RANK_TILE,
-        num_warps=4,
+        u, b, b1, y, scales, routed if routed is not None else scales, align.sorted_ids, align.block_expert,
+        align.block_slot, align.num_blocks, offsets, ranks, off1, rk1, n, offsets.shape[1], out_dim, y_col,
+        u.shape[1] // num_p, y_pcol, u.stride(0), b.stride(0), y.stride(0),
+        MUL_ROUTED=routed is not None, PRECISION=dot_precision(b.dtype), UPCAST=interp_upcast(b.dtype),
+        BM=align.block_m, BN=bn, BR=RANK_TILE, num_warps=4,
     )
     return y
+
+
+def silu_mul_triton(gu: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """h (N, I) = silu(gu[:, :I]) * gu[:, I:] in one launch (gu (N, 2I) fp32)."""
+    from kernels._tl.lora import silu_mul_kernel
+
+    n, i2 = gu.shape
+    i = i2 // 2
+    h = empty(n, i, dtype=dtype, device=gu.device)
+    if n:
+        bi = _pow2(i, 16, 1024)
+        silu_mul_kernel[(n, triton_cdiv(i, bi))](gu, h, i, gu.stride(0), h.stride(0), BI=bi, num_warps=4)
+    return h
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -13,7 +13,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-IDX = ["sorted_ids_ptr", "block_expert_ptr", "block_slot_ptr", "num_blocks_ptr", "offsets_ptr", "ranks_ptr"]
+IDX = ["sorted_ids_ptr", "block_expert_ptr", "block_slot_ptr", "num_blocks_ptr", "offsets_ptr", "ranks_ptr",
+       "off0_ptr", "rk0_ptr", "off1_ptr", "rk1_ptr"]
 
 
 def _cases():
@@ -23,10 +24,12 @@ def _cases():
     for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
         yield moe_gemm.moe_gemm_kernel, {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "rw_ptr": "*fp32", **idx}, dict(
             X_ROW_DIV=8, FUSE_ACT=True, MUL_ROUTED=True, PRECISION=prec, UPCAST=False, BM=16, BN=64, BK=64)
-        yield lora.lora_shrink_kernel, {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "u_ptr": "*fp32", **idx}, dict(
-            X_ROW_DIV=1, PRECISION=prec, UPCAST=False, BM=16, BR=16, BK=64)
-        yield lora.lora_expand_kernel, {"u_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": "*fp32", "scales_ptr": "*fp32", **idx}, dict(
-            PRECISION=prec, UPCAST=False, BM=16, BN=64, BR=16)
+        yield lora.lora_shrink_kernel, {"x_ptr": f"*{dt}", "a0_ptr": f"*{dt}", "a1_ptr": f"*{dt}", "u_ptr": "*fp32",
+                                        **idx}, dict(X_ROW_DIV=1, PRECISION=prec, UPCAST=False, BM=16, BR=16, BK=64)
+        yield lora.lora_expand_kernel, {"u_ptr": "*fp32", "b0_ptr": f"*{dt}", "b1_ptr": f"*{dt}", "y_ptr": "*fp32",
+                                        "scales_ptr": "*fp32", "rw_ptr": "*fp32", **idx}, dict(
+            MUL_ROUTED=True, PRECISION=prec, UPCAST=False, BM=16, BN=64, BR=16)
+        yield lora.silu_mul_kernel, {"gu_ptr": "*fp32", "h_ptr": f"*{dt}"}, dict(BI=1024)
     i32 = {n: "*i32" for n in ("topk_ids_ptr", "slot_ids_ptr", "counts_ptr", "pos_ptr", *IDX)}
     for slots in (True, False):
         yield align.moe_align_kernel, i32, dict(K=8, S=16 if slots else 1, HAS_SLOTS=slots, BM=16, BLOCK=1024)

@@ -55,6 +55,7 @@ def test_triton_base(T, K, E, H, I, dtype, triton_on):
         (torch.bfloat16, ("gate", "up", "down"), (0, 1, 8, 16, 24, 32)),
         (torch.float16, ("down",), (1, 5)),
         (torch.float32, ("gate",), (0, 2, 33)),
+        (torch.float32, ("up",), (0, 3, 16)),  # one of gate/up: the single-projection launch
     ],
 )
 @pytest.mark.parametrize("T,K,E,H,I", SHAPES[:2] + [(12, 2, 4, 40, 24)])

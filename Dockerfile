@@ -2,9 +2,15 @@
 #   docker build -t drlora-serve .
 #   docker run --gpus all -p 8000:8000 -v $HOME/.cache/huggingface:/data/hf \
 #       -v $PWD/adapters:/adapters drlora-serve --model olmoe --adapters /adapters
-# The base image brings CUDA 12 and torch (with triton); pip keeps them and adds the rest.
-ARG BASE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
-FROM ${BASE}
+# torch's PyPI wheels for Linux x86_64 bundle the CUDA runtime libraries, and the NVIDIA
+# container runtime brings the driver, so a plain Python image is enough. Triton compiles a
+# small C launcher at run time: it needs gcc and the libc headers (Python.h is in the image).
+ARG PYTHON=3.12
+FROM python:${PYTHON}-slim
+ARG TORCH=2.11.0
+
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -15,7 +21,8 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 # Sources only (.dockerignore keeps out the venv, caches, runs and adapters).
 COPY . /app
-RUN pip install /app && python -c "import server.cli, drlora_serve.config"
+RUN pip install "torch==${TORCH}" && pip install /app \
+    && python -c "import server.cli, drlora_serve.config, triton"
 
 RUN useradd --create-home --uid 1000 drlora \
     && mkdir -p /data/hf /data/drlora /adapters \

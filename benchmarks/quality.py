@@ -241,7 +241,7 @@ def versions(model: str, sha: str | None = None) -> dict:
     if sha is None:
         sha = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.exists() else "n/a"
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, f"base weights sha256[:16]": sha}
+            "transformers": transformers.__version__, "base weights sha256[:16]": sha}
 
 
 MARK = "<!-- discussion: hand-written, kept when the script rewrites this file -->"

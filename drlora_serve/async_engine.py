@@ -22,7 +22,6 @@ from drlora_serve.types import (
     AdapterNotFoundError,
     EngineStats,
     InvalidRequestError,
-    RequestOutput,
     SamplingParams,
 )
 

@@ -1,6 +1,6 @@
 """The per-step forward context, built by the model runner and passed down explicitly.
 
-Legend: T tokens, B sequences, S adapter slots, MAXB blocks per sequence.
+Legend: T tokens, B decode sequences, C prefill chunks, S adapter slots, MAXB blocks per sequence.
 Token order in a step: the decode tokens first (one per decoding sequence), then the
 prefill chunks back to back.
 """
@@ -13,11 +13,13 @@ import torch
 
 
 @dataclass
-class PrefillChunk:
-    start: int  # first row of the chunk in the flattened batch
-    length: int  # query tokens in this chunk
-    context_len: int  # cached prefix + chunk (keys the chunk attends to)
-    block_table: torch.Tensor  # (nblocks,) int64, on device
+class PrefillBatch:
+    """The step's prefill chunks, varlen style: chunk c's queries are rows [cu_q[c], cu_q[c+1])."""
+
+    cu_q: torch.Tensor  # (C+1,) int32, cu_q[0] = num_decode
+    context_lens: torch.Tensor  # (C,) int32: cached prefix + chunk (the keys the chunk attends to)
+    block_tables: torch.Tensor  # (C, MAXB) int32
+    max_q_len: int
 
 
 @dataclass
@@ -28,6 +30,6 @@ class ForwardContext:
     num_decode: int = 0  # rows [0, num_decode) are decode tokens
     block_tables: torch.Tensor | None = None  # (B, MAXB) int32 for the decode rows
     context_lens: torch.Tensor | None = None  # (B,) int32 for the decode rows
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill: PrefillBatch | None = None
     lora: object | None = None  # lora_buffers.LoraBuffers when any token uses an adapter
     router_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, rows)

@@ -16,7 +16,7 @@ import torch
 from drlora.models import MoeShape
 
 from drlora_serve.config import EngineArgs
-from drlora_serve.context import ForwardContext, PrefillChunk
+from drlora_serve.context import ForwardContext, PrefillBatch
 from drlora_serve.kv_cache import CPU_DEFAULT_BLOCKS, KVCache, bytes_per_block, num_blocks_for_memory
 from drlora_serve.lora_buffers import LoraBuffers
 from drlora_serve.models.registry import get_model_class
@@ -98,11 +98,17 @@ class ModelRunner:
             tables = [s.block_table + [0] * (maxb - len(s.block_table)) for s, _ in decode]
             ctx.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
             ctx.context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decode], dtype=torch.int32, device=dev)
-        row = len(decode)
-        for s, n in prefill:
-            ctx.prefills.append(PrefillChunk(row, n, s.num_computed_tokens + n,
-                                             torch.tensor(s.block_table, dtype=torch.long, device=dev)))
-            row += n
+        if prefill:
+            maxb = max(len(s.block_table) for s, _ in prefill)
+            cu = [len(decode)]
+            for _, n in prefill:
+                cu.append(cu[-1] + n)
+            i32 = dict(dtype=torch.int32, device=dev)
+            ctx.prefill = PrefillBatch(
+                cu_q=torch.tensor(cu, **i32),
+                context_lens=torch.tensor([s.num_computed_tokens + n for s, n in prefill], **i32),
+                block_tables=torch.tensor([s.block_table + [0] * (maxb - len(s.block_table)) for s, _ in prefill], **i32),
+                max_q_len=max(n for _, n in prefill))
         if any(a >= 0 for a in adapters):
             ctx.lora = self.lora
             for slot in sorted({a for a in adapters if a >= 0 and self.lora.has_router[a]}):

@@ -18,7 +18,7 @@ from kernels.lora_types import DenseLoraLayer, MoeLoraLayer
 from kernels.moe_align import MoeAlignment, dense_lora_align, moe_align, moe_lora_align
 from kernels.moe_lora import lora_block_m, moe_lora_expand_, moe_lora_shrink
 from kernels.padded import pad_moe_lora
-from kernels.paged_attention import paged_decode_attention, store_kv
+from kernels.paged_attention import paged_decode_attention, paged_prefill_attention, store_kv
 
 __all__ = [
     "DenseLoraLayer",
@@ -33,6 +33,7 @@ __all__ = [
     "moe_lora_shrink",
     "pad_moe_lora",
     "paged_decode_attention",
+    "paged_prefill_attention",
     "store_kv",
     "moe_lora_delta",
 ]

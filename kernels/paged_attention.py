@@ -6,13 +6,15 @@ NB cache blocks, BS block size, MAXB max blocks per sequence.
 store_kv:  k_cache[slot // BS, slot % BS] = k[t] for slot = slot_mapping[t] >= 0 (same for v).
 paged_decode_attention: out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over positions
     [0, context_lens[b]) read through block_tables[b]; kv head = h // (QH // KVH); fp32 softmax.
+paged_prefill_attention: causal attention of C prefill chunks (varlen, C = chunks; rows
+    [cu_q[c], cu_q[c+1]) of q) over their cached prefix and themselves, in one launch.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import check, empty, check_same_device, use_triton
+from kernels._dispatch import check, check_same_device, dot_precision, empty, interp_upcast, use_triton
 
 
 def _p2(n: int) -> int:
@@ -96,5 +98,72 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         q, k_cache, v_cache, out, block_tables, context_lens, float(scale), kvh, d, block_tables.shape[1],
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         G=qh // kvh, BS=bs, BSP=_p2(bs), DP=_p2(d), num_warps=4,
+    )
+    return out
+
+
+def paged_prefill_attention_torch(q, k_cache, v_cache, block_tables, cu_q, context_lens, max_q_len, scale, out):
+    """Per chunk: gather its keys from the cache, then SDPA (causal, offset by the prefix)."""
+    import torch.nn.functional as F
+
+    _, bs, kvh, d = k_cache.shape
+    qh = q.shape[1]
+    starts, lens = cu_q.tolist(), context_lens.tolist()
+    for c, n in enumerate(lens):
+        r0, r1 = starts[c], starts[c + 1]
+        if r1 == r0:
+            continue
+        blocks = block_tables[c, : -(-n // bs)].long()
+        k = k_cache[blocks].reshape(-1, kvh, d)[:n]  # (L, KVH, D)
+        v = v_cache[blocks].reshape(-1, kvh, d)[:n]
+        if kvh != qh:
+            k, v = k.repeat_interleave(qh // kvh, 1), v.repeat_interleave(qh // kvh, 1)
+        qs = q[r0:r1].transpose(0, 1)  # (QH, Lq, D)
+        if n == r1 - r0:  # no cached prefix: plain causal
+            o = F.scaled_dot_product_attention(qs, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale)
+        else:
+            qpos = torch.arange(n - (r1 - r0), n, device=q.device)
+            mask = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]  # (Lq, L)
+            o = F.scaled_dot_product_attention(qs, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+        out[r0:r1] = o.transpose(0, 1)
+    return out
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q, context_lens, max_q_len: int, scale: float,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """q (T, QH, D); block_tables (C, MAXB) int32; cu_q (C+1,) int32 (rows of chunk c:
+    [cu_q[c], cu_q[c+1]), ascending); context_lens (C,) int32 (cached prefix + chunk, >= chunk);
+    max_q_len >= every chunk's length. Writes the chunks' rows of out (T, QH, D) and returns it;
+    other rows are left as they are."""
+    check_cache(k_cache, v_cache)
+    nb, bs, kvh, d = k_cache.shape
+    check(q.dim() == 3 and q.shape[2] == d, f"q must be (T, QH, D={d}), got {tuple(q.shape)}")
+    t, qh, _ = q.shape
+    check(qh % kvh == 0, f"QH={qh} must be a multiple of KVH={kvh}")
+    check(q.dtype == k_cache.dtype, f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    check(q.stride(2) == 1, "q must have a contiguous last dim")
+    c = context_lens.shape[0]
+    check(block_tables.dim() == 2 and block_tables.shape[0] == c and block_tables.dtype == torch.int32
+          and block_tables.is_contiguous(), f"block_tables must be contiguous (C={c}, MAXB) int32")
+    check(cu_q.shape == (c + 1,) and cu_q.dtype == torch.int32, f"cu_q must be (C+1={c + 1},) int32")
+    check(context_lens.dtype == torch.int32, "context_lens must be int32")
+    if out is None:
+        out = empty(t, qh, d, dtype=q.dtype, device=q.device)
+    check(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, "out must be like q")
+    check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, cu_q=cu_q, context_lens=context_lens, out=out)
+    if c == 0 or max_q_len == 0:
+        return out
+    if not use_triton(q):
+        return paged_prefill_attention_torch(q, k_cache, v_cache, block_tables, cu_q, context_lens, max_q_len,
+                                             scale, out)
+    from kernels._tl.attention import paged_prefill_kernel
+
+    bm = 16 if max_q_len <= 16 else (32 if max_q_len <= 32 else 64)
+    bn = 32 if d > 128 else 64
+    paged_prefill_kernel[(c, -(-max_q_len // bm), qh)](
+        q, k_cache, v_cache, out, block_tables, cu_q, context_lens, float(scale), kvh, d, block_tables.shape[1],
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        G=qh // kvh, BS=bs, DP=max(16, _p2(d)), PRECISION=dot_precision(q.dtype), UPCAST=interp_upcast(q.dtype),
+        BM=bm, BN=bn, num_warps=4,
     )
     return out

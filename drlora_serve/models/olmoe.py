@@ -11,9 +11,8 @@ then top-k (renormalised when norm_topk_prob).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from kernels import dense_lora_, fused_moe, paged_decode_attention, store_kv
+from kernels import dense_lora_, fused_moe, paged_decode_attention, paged_prefill_attention, store_kv
 
 from drlora_serve.context import ForwardContext
 from drlora_serve.weights import WeightSource
@@ -151,23 +150,10 @@ class OlmoeForServing:
         if nd:
             out[:nd] = paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, ctx.block_tables,
                                               ctx.context_lens, self.scale)
-        for c in ctx.prefills:
-            qs = q[c.start:c.start + c.length].transpose(0, 1)  # (QH, Lq, D)
-            if c.context_len == c.length:  # no cached prefix: keys are the chunk itself
-                ks, vs, causal, mask = k[c.start:c.start + c.length], v[c.start:c.start + c.length], True, None
-            else:
-                bs = k_cache.shape[1]
-                ks = k_cache[c.block_table].view(-1, KVH, D)[:c.context_len]  # (L, KVH, D)
-                vs = v_cache[c.block_table].view(-1, KVH, D)[:c.context_len]
-                qpos = torch.arange(c.context_len - c.length, c.context_len, device=h.device)
-                mask = torch.arange(c.context_len, device=h.device)[None, :] <= qpos[:, None]  # (Lq, L)
-                causal = False
-                del bs
-            if KVH != QH:
-                ks, vs = ks.repeat_interleave(QH // KVH, 1), vs.repeat_interleave(QH // KVH, 1)
-            o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=mask,
-                                               is_causal=causal, scale=self.scale)
-            out[c.start:c.start + c.length] = o.transpose(0, 1)
+        if ctx.prefill is not None:  # every chunk in one launch, over its cached prefix and itself
+            pf = ctx.prefill
+            paged_prefill_attention(q, k_cache, v_cache, pf.block_tables, pf.cu_q, pf.context_lens, pf.max_q_len,
+                                    self.scale, out=out)
         out = out.reshape(T, QH * D)
         y = out @ w["o"].T
         if ctx.lora is not None:

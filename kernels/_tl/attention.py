@@ -77,3 +77,75 @@ def paged_decode_kernel(
         m_i = m_new
     out = acc / tl.maximum(l_i, 1e-30)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def paged_prefill_kernel(
+    q_ptr,  # (T, QH, D)
+    kc_ptr, vc_ptr,  # (NB, BS, KVH, D) contiguous
+    out_ptr,  # (T, QH, D)
+    block_tables_ptr,  # (C, MAXB) int32
+    cu_q_ptr,  # (C + 1,) int32: chunk c's queries are rows [cu_q[c], cu_q[c + 1])
+    context_lens_ptr,  # (C,) int32: keys of chunk c = cached prefix + the chunk itself
+    scale,
+    KVH, D, MAXB,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    G: tl.constexpr, BS: tl.constexpr, DP: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """Semantics: for query i of chunk c (row cu_q[c] + i, position p = ctx_c - len_c + i),
+    out[row, h] = softmax(scale * q[row, h] @ K_c[:p+1].T) @ V_c[:p+1], K_c/V_c read from the
+    cache through block_tables[c] (the chunk's own keys are already stored), kv head h // G;
+    fp32 online softmax (flash-attention style). Grid: (C, cdiv(max_q_len, BM), QH).
+    """
+    c = tl.program_id(0)
+    mt = tl.program_id(1)
+    h = tl.program_id(2)
+    q0 = tl.load(cu_q_ptr + c)
+    qlen = tl.load(cu_q_ptr + c + 1) - q0
+    if mt * BM >= qlen:
+        return
+    ctx = tl.load(context_lens_ptr + c)
+    first = ctx - qlen  # position of the chunk's first query
+    kvh = h // G
+    offs_m = mt * BM + tl.arange(0, BM)
+    m_ok = offs_m < qlen
+    pos_q = first + offs_m
+    offs_d = tl.arange(0, DP)
+    d_ok = offs_d < D
+    rows = (q0 + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full((BM,), -float("inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, DP), tl.float32)
+    kv_end = tl.minimum(ctx, first + (mt + 1) * BM)  # causal: no key after the tile's last query
+    table = block_tables_ptr + c.to(tl.int64) * MAXB
+    for start in range(0, kv_end, BN):
+        offs_n = start + tl.arange(0, BN)
+        n_ok = offs_n < kv_end
+        blk = tl.load(table + offs_n // BS, mask=n_ok, other=0).to(tl.int64)
+        base = ((blk * BS + offs_n % BS) * KVH + kvh) * D
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (BN, DP)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BM, BN)
+        keep = (offs_n[None, :] <= pos_q[:, None]) & n_ok[None, :]
+        s = tl.where(keep, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no key yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

@@ -36,6 +36,11 @@ def _cases():
     kv = {n: "*bf16" for n in ("q_ptr", "kc_ptr", "vc_ptr", "out_ptr", "k_ptr", "v_ptr")}
     yield attention.paged_decode_kernel, {**kv, "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "scale": "fp32"}, dict(
         G=4, BS=16, BSP=16, DP=64)
+    for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
+        pre = {n: f"*{dt}" for n in ("q_ptr", "kc_ptr", "vc_ptr", "out_ptr")}
+        yield attention.paged_prefill_kernel, {**pre, "block_tables_ptr": "*i32", "cu_q_ptr": "*i32",
+                                               "context_lens_ptr": "*i32", "scale": "fp32"}, dict(
+            G=1, BS=16, DP=128, PRECISION=prec, UPCAST=False, BM=64, BN=64)
     yield attention.store_kv_kernel, {**kv, "slot_ptr": "*i64"}, dict(HP=8, DP=64)
 
 

@@ -91,3 +91,80 @@ def test_errors():
         paged_decode_attention(torch.zeros(1, 3, 16), kc, kc, torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="int64"):
         store_kv(torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), kc, kc.clone(), torch.zeros(1, dtype=torch.int32))
+
+
+def _prefill_setup(chunks, QH, KVH, D, BS, dtype, device, decode_rows=2):
+    """chunks: [(prefix, length)]. Rows: decode_rows untouched rows, then the chunks back to back."""
+    C = len(chunks)
+    maxb = max(-(-(p + n) // BS) for p, n in chunks)
+    NB = C * maxb + 3
+    tables = torch.randperm(NB)[: C * maxb].view(C, maxb).to(torch.int32)
+    kc = torch.randn(NB, BS, KVH, D).to(dtype)
+    vc = torch.randn(NB, BS, KVH, D).to(dtype)
+    cu = [decode_rows]
+    for _, n in chunks:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], QH, D).to(dtype)
+    ctx = torch.tensor([p + n for p, n in chunks], dtype=torch.int32)
+    cu_q = torch.tensor(cu, dtype=torch.int32)
+    return [t.to(device) for t in (q, kc, vc, tables, cu_q, ctx)], max(n for _, n in chunks)
+
+
+def _loop_prefill(q, kc, vc, tables, cu_q, ctx, scale):
+    _, BS, KVH, D = kc.shape
+    QH = q.shape[1]
+    out = torch.zeros(q.shape)
+    for c in range(ctx.shape[0]):
+        n, r0, r1 = int(ctx[c]), int(cu_q[c]), int(cu_q[c + 1])
+        for i, row in enumerate(range(r0, r1)):
+            pos = torch.arange(n - (r1 - r0) + i + 1)  # causal: keys up to the query's position
+            blocks = tables[c].long()[pos // BS]
+            for h in range(QH):
+                kv = h // (QH // KVH)
+                k, v = kc[blocks, pos % BS, kv].float(), vc[blocks, pos % BS, kv].float()
+                out[row, h] = torch.softmax(k @ q[row, h].float() * scale, 0) @ v
+    return out
+
+
+CHUNKS = [
+    [(0, 5)],  # one fresh prompt
+    [(0, 3), (7, 4), (0, 1), (13, 9)],  # fresh and cached prefixes, a one-token chunk
+    [(16, 16), (0, 40)],  # prefix on a block boundary; a chunk over several query tiles
+]
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+@pytest.mark.parametrize("QH,KVH,D,BS", [(2, 1, 16, 4), (4, 2, 24, 8)])
+def test_prefill_twin_vs_loop(chunks, QH, KVH, D, BS):
+    from kernels.paged_attention import paged_prefill_attention_torch
+
+    (q, kc, vc, tables, cu_q, ctx), mq = _prefill_setup(chunks, QH, KVH, D, BS, torch.float32, "cpu")
+    out = paged_prefill_attention_torch(q, kc, vc, tables, cu_q, ctx, mq, 0.4, torch.zeros_like(q))
+    torch.testing.assert_close(out, _loop_prefill(q, kc, vc, tables, cu_q, ctx, 0.4), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunks", CHUNKS)
+@pytest.mark.parametrize("QH,KVH,D,BS", [(2, 1, 16, 4), (6, 3, 24, 16)])
+def test_prefill_triton_vs_twin(chunks, QH, KVH, D, BS, dtype, triton_on):
+    from kernels import paged_prefill_attention
+    from kernels.paged_attention import paged_prefill_attention_torch
+
+    (q, kc, vc, tables, cu_q, ctx), mq = _prefill_setup(chunks, QH, KVH, D, BS, dtype, triton_on)
+    sentinel = torch.full_like(q, 7.0)
+    out = paged_prefill_attention(q, kc, vc, tables, cu_q, ctx, mq, 0.4, out=sentinel.clone())
+    r0 = int(cu_q[0])
+    assert (out[:r0].cpu() == 7.0).all(), "rows before the first chunk are left alone"
+    ref = paged_prefill_attention_torch(*[t.cpu() for t in (q, kc, vc, tables, cu_q, ctx)], mq, 0.4,
+                                        torch.zeros_like(q.cpu()))
+    assert_close(out[r0:], ref[r0:], dtype)
+
+
+def test_prefill_shape_errors():
+    from kernels import paged_prefill_attention
+
+    (q, kc, vc, tables, cu_q, ctx), mq = _prefill_setup([(0, 3)], 2, 1, 16, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="cu_q"):
+        paged_prefill_attention(q, kc, vc, tables, cu_q[:1], ctx, mq, 0.4)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_prefill_attention(q, kc, vc, tables.long(), cu_q, ctx, mq, 0.4)

@@ -3,7 +3,6 @@ OlmoeForCausalLM with each adapter merged into its weights. fp32, atol 1e-4 on l
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from drlora.adapter_format import read_adapter

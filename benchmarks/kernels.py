@@ -1,5 +1,6 @@
 """One MoE layer at OLMoE-1B-7B shapes: torch grouped_mm vs our fused MoE, with rank-exact
-and padded multi-adapter LoRA.
+and padded multi-adapter LoRA; the routing alignment alone (one launch vs its torch twin);
+and prefill attention over the paged cache (one varlen launch vs torch SDPA per chunk).
 
     python benchmarks/kernels.py --out results.json [--large] [--peak-gbs 3350]
 
@@ -26,7 +27,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # this file shadows the package
 sys.path.insert(0, os.path.dirname(_HERE))
 
-from kernels import MoeLoraLayer, fused_moe, pad_moe_lora  # noqa: E402
+from kernels import MoeLoraLayer, fused_moe, moe_lora_align, pad_moe_lora, paged_prefill_attention  # noqa: E402
+from kernels import moe_align as kernels_moe_align  # noqa: E402
+from kernels.paged_attention import paged_prefill_attention_torch  # noqa: E402
 
 H, I, E, K, S = 2048, 1024, 64, 8, 16
 DT = torch.bfloat16
@@ -85,6 +88,42 @@ def bench(fn) -> float:
 
 
 SMOKE = False
+
+
+def bench_twin(fn) -> float:
+    """An alignment call with its Triton dispatch turned off (the torch twin, same device)."""
+    ma = sys.modules["kernels.moe_align"]  # (the package exports a function of the same name)
+    saved = ma.use_triton
+    ma.use_triton = lambda *t: False
+    try:
+        return bench(fn)
+    finally:
+        ma.use_triton = saved
+
+
+def prefill_attention_rows(gen: torch.Generator, dev) -> list[dict]:
+    """OLMoE attention shapes (16 heads x 128, block 16): chunks of a prefill step, fresh or
+    behind a cached prefix; one varlen launch vs SDPA per chunk (the torch twin)."""
+    qh, d, bs = (4, 32, 16) if SMOKE else (16, 128, 16)
+    cases = [(1, 2048, 0), (8, 256, 0), (64, 32, 0), (8, 128, 512)]  # chunks, length, cached prefix
+    out = []
+    for c, n, prefix in cases:
+        if SMOKE:
+            c, n, prefix = min(c, 4), min(n, 32), min(prefix, 32)
+        per = -(-(prefix + n) // bs)
+        nb = c * per
+        kc = torch.randn(nb, bs, qh, d, generator=gen).to(DT).to(dev)
+        vc = torch.randn(nb, bs, qh, d, generator=gen).to(DT).to(dev)
+        tables = torch.randperm(nb, generator=gen).view(c, per).to(torch.int32).to(dev)
+        q = torch.randn(c * n, qh, d, generator=gen).to(DT).to(dev)
+        cu = torch.arange(0, c * n + 1, n, dtype=torch.int32).to(dev)
+        ctx = torch.full((c,), prefix + n, dtype=torch.int32).to(dev)
+        o = torch.empty_like(q)
+        row = {"label": f"{c} x {n} ({prefix})", "chunks": c, "length": n, "prefix": prefix}
+        row["varlen_us"] = bench(lambda: paged_prefill_attention(q, kc, vc, tables, cu, ctx, n, d**-0.5, out=o))
+        row["sdpa_loop_us"] = bench(lambda: paged_prefill_attention_torch(q, kc, vc, tables, cu, ctx, n, d**-0.5, o))
+        out.append(row)
+    return out
 
 
 def main() -> None:
@@ -147,7 +186,10 @@ def main() -> None:
         row["exact_vs_padded_layer"] = pd / ex
         if "grouped_mm_us" in row:
             row["fused_vs_grouped_mm"] = row["grouped_mm_us"] / base
+        row["align_us"] = bench(lambda: (kernels_moe_align(ti, E, 16), moe_lora_align(ti, slots, E, S, 16)))
+        row["align_twin_us"] = bench_twin(lambda: (kernels_moe_align(ti, E, 16), moe_lora_align(ti, slots, E, S, 16)))
         rows.append(row)
+    attn = prefill_attention_rows(gen, dev)
     hdr = f"{'T':>5} {'gmm us':>8} {'fused us':>9} {'+exact':>8} {'+padded':>8} {'W GB/s':>7} {'%peak':>6} {'ovh%':>6} {'pad/ex(lora)':>12} {'pad/ex(layer)':>13}"
     try:
         import triton
@@ -162,13 +204,19 @@ def main() -> None:
         print(f"{r['tokens']:>5} {g} {r['fused_us']:9.1f} {r['fused_lora_exact_us']:8.1f} {r['fused_lora_padded_us']:8.1f} "
               f"{r['weight_gbs']:7.0f} {r['weight_pct_peak']:6.1f} {r['lora_overhead_pct']:6.1f} "
               f"{r['exact_vs_padded_lora_part']:12.2f} {r['exact_vs_padded_layer']:13.2f}")
+    print(f"{'T':>5} {'align us':>9} {'twin us':>8}")
+    for r in rows:
+        print(f"{r['tokens']:>5} {r['align_us']:9.1f} {r['align_twin_us']:8.1f}")
+    print(f"{'chunks x len (prefix)':>22} {'varlen us':>10} {'sdpa loop us':>13}")
+    for a in attn:
+        print(f"{a['label']:>22} {a['varlen_us']:10.1f} {a['sdpa_loop_us']:13.1f}")
     env = {"gpu": name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "peak_gbs": peak, "seed": args.seed, "grouped_mm": has_gmm}
     shapes = {"H": H, "I": I, "E": E, "K": K, "S": S, "dtype": str(DT), "rank_min": RMIN, "rank_max": RMAX,
               "rank_mean": float(lora.ranks["gate"].float().mean()), "padded_rank": RPAD}
     with open(args.out, "w") as f:
-        json.dump({"env": env, "shapes": shapes, "rows": rows}, f, indent=2)
+        json.dump({"env": env, "shapes": shapes, "rows": rows, "prefill_attention": attn}, f, indent=2)
     print(f"wrote {args.out}")
 
 

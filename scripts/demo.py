@@ -47,9 +47,9 @@ def load_jsonl(path: Path, n: int) -> list[dict]:
 def train(task: str, out: Path, steps: int, push: str | None = None) -> float:
     cmd = [bin_path("drlora-train"), "--model", "tiny", "--data", str(EXAMPLES / f"{task}.train.jsonl"),
            "--eval-data", str(EXAMPLES / f"{task}.test.jsonl"), "--output", str(out),
-           "--max-steps", str(steps), "--lr", "2e-3", "--batch-size", "16",
-           "--r-init", "4", "--r-target", "8", "--r-max", "16", "--t-grow", "20",
-           "--t-buffer", "20", "--eval-max-examples", "50", "--no-progress"]
+           "--max-steps", str(steps), "--lr", "3e-3", "--batch-size", "16",
+           "--r-init", "4", "--r-target", "8", "--r-max", "16", "--t-grow", str(max(1, steps // 10)),
+           "--t-buffer", str(max(1, steps // 10)), "--eval-max-examples", "50", "--no-progress"]
     if push:
         cmd += ["--push", push]
     t0 = time.time()
@@ -105,7 +105,7 @@ def show(client, models: list[str], task: str, n_eval: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "demo"))
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--eval", type=int, default=48, help="held-out examples scored per task")
     args = ap.parse_args()
     t_start = time.time()

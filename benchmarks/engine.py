@@ -31,11 +31,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import torch  # noqa: E402
 
-OLMOE_1B_7B = dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024,
-                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
-                   num_experts_per_tok=8, max_position_embeddings=4096, rms_norm_eps=1e-5, norm_topk_prob=False,
-                   clip_qkv=None, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-                   tie_word_embeddings=False, eos_token_id=50279, pad_token_id=1, bos_token_id=None)
+from drlora.models import OLMOE_1B_7B  # noqa: E402  (the real model's config.json, as a dict)
 
 
 class NullTokenizer:

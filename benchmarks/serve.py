@@ -8,6 +8,9 @@ latency (p50/p99), prints a table and writes JSON with device, date and versions
     python benchmarks/serve.py --url http://127.0.0.1:8000 --models a1,a2,olmoe -c 32 -n 256
     # start one itself (tiny on CPU, 4 random adapters)
     python benchmarks/serve.py --model tiny --make-adapters 4 -c 8 -n 64 --max-tokens 32
+    # on a GPU at OLMoE-1B-7B shapes, random weights (--load-format dummy), 16 adapters with
+    # DR-LoRA-like ranks 8..32, no checkpoint needed
+    python benchmarks/serve.py --dummy-olmoe --make-adapters 16 -c 64 -n 512 --max-tokens 128
 """
 
 from __future__ import annotations
@@ -135,7 +138,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_adapters(folder: Path, k: int, model: str) -> list[str]:
+def dummy_olmoe_folder(root: Path) -> Path:
+    """A model folder with OLMoE-1B-7B's config and the tiny model's tokenizer (ids < 849, well
+    inside OLMoE's vocab): served with --load-format dummy, i.e. random weights."""
+    import shutil
+
+    from drlora.models import OLMOE_1B_7B, resolve_model
+
+    folder = root / "olmoe-dummy"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(OLMOE_1B_7B, indent=1))
+    for f in resolve_model("tiny").glob("*"):
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def make_adapters(folder: Path, k: int, model: str, dr_lora_like: bool = False) -> list[str]:
+    """k random adapters; ranks 0..8 per expert, or (dr_lora_like) 8..32 skewed with mean ~16, bf16."""
     import torch
 
     from drlora.adapter_format import AdapterConfig, expected_shapes, write_adapter
@@ -145,10 +165,16 @@ def make_adapters(folder: Path, k: int, model: str) -> list[str]:
     names = []
     for i in range(k):
         g = torch.Generator().manual_seed(i)
-        ranks = {p: torch.randint(0, 9, (shape.num_hidden_layers, shape.num_experts), generator=g).tolist()
-                 for p in ("gate", "up", "down")}
-        cfg = AdapterConfig(base_model=model, base_shape=shape, method="drlora", scaling=1.0, ranks=ranks)
-        tensors = {n: torch.randn(*s, generator=g) * 0.02 for n, s in expected_shapes(cfg).items()}
+        size = (shape.num_hidden_layers, shape.num_experts)
+        if dr_lora_like:
+            ranks = {p: (8 + torch.empty(size).exponential_(1 / 8.5, generator=g)).round().clamp(8, 32).long().tolist()
+                     for p in ("gate", "up", "down")}
+        else:
+            ranks = {p: torch.randint(0, 9, size, generator=g).tolist() for p in ("gate", "up", "down")}
+        dtype = "bfloat16" if dr_lora_like else "float32"
+        cfg = AdapterConfig(base_model=model, base_shape=shape, method="drlora", scaling=1.0, ranks=ranks, dtype=dtype)
+        tensors = {n: (torch.randn(*s, generator=g) * 0.02).to(getattr(torch, dtype))
+                   for n, s in expected_shapes(cfg).items()}
         write_adapter(folder / f"bench{i}", cfg, tensors)
         names.append(f"bench{i}")
     return names
@@ -205,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=None, help="comma-separated model fields to cycle through "
                    "(default: every model the server lists)")
     p.add_argument("--make-adapters", type=int, default=4, help="random adapters for a started server")
+    p.add_argument("--dummy-olmoe", action="store_true", help="start a server at OLMoE-1B-7B shapes with random "
+                   "weights (--load-format dummy) and DR-LoRA-like adapters (ranks 8..32)")
     p.add_argument("--server-args", default="", help="extra drlora-serve flags for a started server")
     p.add_argument("-c", "--concurrency", type=int, default=8)
     p.add_argument("-n", "--num-requests", type=int, default=64)
@@ -220,8 +248,15 @@ def main(argv: list[str] | None = None) -> None:
     url = args.url
     if url is None:
         tmp = tempfile.TemporaryDirectory(prefix="drlora-bench-")
-        make_adapters(Path(tmp.name), args.make_adapters, args.model)
-        proc, url = start_server(args, Path(tmp.name))
+        if args.dummy_olmoe:
+            args.model = str(dummy_olmoe_folder(Path(tmp.name)))
+            k = max(args.make_adapters, 1)  # all resident at once: pool rows for mean rank 16 plus slack
+            args.server_args += f" --load-format dummy --max-loras {k} --lora-pool-rank-rows {k * 64 * 20}"
+            adapters = Path(tmp.name) / "adapters"
+        else:
+            adapters = Path(tmp.name)
+        make_adapters(adapters, args.make_adapters, args.model, dr_lora_like=args.dummy_olmoe)
+        proc, url = start_server(args, adapters)
     try:
         if args.models:
             models = args.models.split(",")

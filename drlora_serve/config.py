@@ -28,3 +28,5 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
+    load_format: str = "auto"  # auto: safetensors from the model folder; dummy: random weights
+    # of the config's shape (vLLM's name; benchmarks at real shapes without the checkpoint)

@@ -40,6 +40,10 @@ class ModelRunner:
         self.dtype = torch_dtype(args.dtype, self.device)
         self.config = config if config is not None else json.loads((model_dir / "config.json").read_text())
         cls = get_model_class(self.config.get("model_type", "olmoe"))
+        if model is None and args.load_format == "dummy":
+            model = cls.random(self.config, self.dtype, self.device, seed=args.seed)
+        elif model is None and args.load_format != "auto":
+            raise ValueError(f"unknown load_format {args.load_format!r} (auto or dummy)")
         self.model = model if model is not None else cls.from_pretrained(model_dir, self.config, self.dtype, self.device)
         self.shape = MoeShape.from_config(self.config)
         s = self.shape

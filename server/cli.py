@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-loras", type=_positive(int), default=EngineArgs.max_loras)
     a("--max-cpu-loras", type=_positive(int), default=EngineArgs.max_cpu_loras)
     a("--max-lora-rank", type=_positive(int), default=EngineArgs.max_lora_rank)
+    a("--lora-pool-rank-rows", type=_positive(int), default=None,
+      help="rank rows per (layer, projection) in the device pool of packed adapters "
+      "(default: max-loras x experts x 16)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--gpu-memory-utilization", type=_positive(float), default=EngineArgs.gpu_memory_utilization)
@@ -81,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     a("--seed", type=int, default=EngineArgs.seed)
     a("--enforce-eager", action="store_true")
+    a("--load-format", default="auto", choices=["auto", "dummy"],
+      help="dummy: random weights of the config's shape, no checkpoint needed (benchmarks)")
     a("--enable-lora", action="store_true", help="accepted for vLLM compatibility (always on)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--allow-runtime-lora-updating", dest="runtime_updates", action="store_true",
@@ -145,12 +150,13 @@ def _configure(parser, args):
     engine_args = EngineArgs(
         model=args.model, served_model_name=args.served_model_name, adapters_dir=None,
         lora_modules=modules, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-        max_lora_rank=args.max_lora_rank, dtype=args.dtype, device=args.device,
+        max_lora_rank=args.max_lora_rank, lora_pool_rank_rows=args.lora_pool_rank_rows,
+        dtype=args.dtype, device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-        seed=args.seed)
+        seed=args.seed, load_format=args.load_format)
     from server.state import ServerConfig
 
     config = ServerConfig(

@@ -266,3 +266,19 @@ def test_round_robin_admission_across_adapters(tiny_dir, tokenizer, adapters_dir
     running = {s.request.request_id for s in eng.scheduler.running}
     assert "late" in running, running  # b's single request is not stuck behind a's burst
     run_all(eng)
+
+
+def test_dummy_load_format_runs_without_reading_weights(tiny_dir, tokenizer, tmp_path):
+    """--load-format dummy: random weights of the config's shape; a folder with no safetensors."""
+    import shutil
+
+    folder = tmp_path / "cfg-only"
+    folder.mkdir()
+    for f in tiny_dir.glob("*.json"):
+        shutil.copy(f, folder / f.name)
+    assert not list(folder.glob("*.safetensors"))
+    eng = make_engine(folder, tokenizer, load_format="dummy")
+    eng.add_request("d", tokenizer.encode(PROMPTS[0]), GREEDY, None)
+    assert len(run_all(eng)["d"].outputs[0].token_ids) == 8
+    with pytest.raises(ValueError, match="load_format"):
+        make_engine(folder, tokenizer, load_format="pickle")

@@ -97,3 +97,13 @@ def test_bad_flags_exit_2():
         r = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and "error" in r.stderr, r.stderr
+
+
+def test_load_format_and_pool_flags_reach_the_engine():
+    from server.cli import configure
+
+    eargs, _ = configure(["--model", "tiny", "--load-format", "dummy", "--lora-pool-rank-rows", "512"])
+    assert eargs.load_format == "dummy" and eargs.lora_pool_rank_rows == 512
+    r = subprocess.run([sys.executable, "-m", "server.cli", "--load-format", "pickle"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "load-format" in r.stderr

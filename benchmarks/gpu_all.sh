@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command (about 15-20 minutes on one H100):
+# the CUDA-marked tests (every Triton kernel against its twin on the device), then the kernel,
+# engine and HTTP benchmarks at OLMoE-1B-7B shapes with random weights. Results (JSON and logs)
+# go to ${OUT:-bench-gpu}/. Written for the first GPU session; it has not run yet. The serve
+# benchmark needs fastapi, uvicorn and pydantic installed (the device image lacks them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench-gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$out/cuda_tests.log"
+python benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
+python benchmarks/engine.py --out "$out/engine.json" 2>&1 | tee "$out/engine.log"
+python benchmarks/engine.py --memory-only --out "$out/engine_memory.json" 2>&1 | tee -a "$out/engine.log"
+python benchmarks/serve.py --dummy-olmoe --make-adapters 16 -c 64 -n 512 --max-tokens 128 \
+    --out "$out/serve.json" 2>&1 | tail -20 | tee "$out/serve.log"
+python benchmarks/train_overhead.py --device cuda --out "$out/train_overhead.json" 2>&1 | tee "$out/train_overhead.log"

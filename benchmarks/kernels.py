@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 from kernels import MoeLoraLayer, fused_moe, moe_lora_align, pad_moe_lora, paged_prefill_attention  # noqa: E402
 from kernels import moe_align as kernels_moe_align  # noqa: E402
+from kernels.moe_align import moe_align_torch, moe_lora_align_torch  # noqa: E402
 from kernels.paged_attention import paged_prefill_attention_torch  # noqa: E402
 
 H, I, E, K, S = 2048, 1024, 64, 8, 16
@@ -88,17 +89,6 @@ def bench(fn) -> float:
 
 
 SMOKE = False
-
-
-def bench_twin(fn) -> float:
-    """An alignment call with its Triton dispatch turned off (the torch twin, same device)."""
-    ma = sys.modules["kernels.moe_align"]  # (the package exports a function of the same name)
-    saved = ma.use_triton
-    ma.use_triton = lambda *t: False
-    try:
-        return bench(fn)
-    finally:
-        ma.use_triton = saved
 
 
 def prefill_attention_rows(gen: torch.Generator, dev) -> list[dict]:
@@ -187,7 +177,7 @@ def main() -> None:
         if "grouped_mm_us" in row:
             row["fused_vs_grouped_mm"] = row["grouped_mm_us"] / base
         row["align_us"] = bench(lambda: (kernels_moe_align(ti, E, 16), moe_lora_align(ti, slots, E, S, 16)))
-        row["align_twin_us"] = bench_twin(lambda: (kernels_moe_align(ti, E, 16), moe_lora_align(ti, slots, E, S, 16)))
+        row["align_twin_us"] = bench(lambda: (moe_align_torch(ti, E, 16), moe_lora_align_torch(ti, slots, E, S, 16)))
         rows.append(row)
     attn = prefill_attention_rows(gen, dev)
     hdr = f"{'T':>5} {'gmm us':>8} {'fused us':>9} {'+exact':>8} {'+padded':>8} {'W GB/s':>7} {'%peak':>6} {'ovh%':>6} {'pad/ex(lora)':>12} {'pad/ex(layer)':>13}"

@@ -155,7 +155,8 @@ def dummy_olmoe_folder(root: Path) -> Path:
 
 
 def make_adapters(folder: Path, k: int, model: str, dr_lora_like: bool = False) -> list[str]:
-    """k random adapters; ranks 0..8 per expert, or (dr_lora_like) 8..32 skewed with mean ~16, bf16."""
+    """k random adapters; ranks 0..8 per expert, or (dr_lora_like) benchmarks/engine.py's 8..32
+    skewed ranks with mean 16, in bf16."""
     import torch
 
     from drlora.adapter_format import AdapterConfig, expected_shapes, write_adapter
@@ -165,12 +166,13 @@ def make_adapters(folder: Path, k: int, model: str, dr_lora_like: bool = False) 
     names = []
     for i in range(k):
         g = torch.Generator().manual_seed(i)
-        size = (shape.num_hidden_layers, shape.num_experts)
         if dr_lora_like:
-            ranks = {p: (8 + torch.empty(size).exponential_(1 / 8.5, generator=g)).round().clamp(8, 32).long().tolist()
-                     for p in ("gate", "up", "down")}
+            from engine import dr_lora_ranks  # benchmarks/engine.py: the same distribution
+
+            ranks = dr_lora_ranks(shape, 1000 + i)
         else:
-            ranks = {p: torch.randint(0, 9, size, generator=g).tolist() for p in ("gate", "up", "down")}
+            ranks = {p: torch.randint(0, 9, (shape.num_hidden_layers, shape.num_experts), generator=g).tolist()
+                     for p in ("gate", "up", "down")}
         dtype = "bfloat16" if dr_lora_like else "float32"
         cfg = AdapterConfig(base_model=model, base_shape=shape, method="drlora", scaling=1.0, ranks=ranks, dtype=dtype)
         tensors = {n: (torch.randn(*s, generator=g) * 0.02).to(getattr(torch, dtype))

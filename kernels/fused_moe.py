@@ -171,14 +171,12 @@ def fused_moe_triton(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: Mo
         la = moe_lora_align(topk_ids, slot_ids, e_num, lora.num_slots, lora_block_m(n))
     if lora_gu:
         gu = moe_gemm_triton(hidden, w_gate_up, align, empty(n, i2, dtype=torch.float32, device=dev), cfg_gu, k)
-        ps = [p for p in ("gate", "up") if p in lora.a]
-        first, second = ps[0], (ps[1] if len(ps) == 2 else None)
-        two = None if second is None else (lora.a[second], lora.offsets[second], lora.ranks[second])
-        u = moe_lora_shrink_triton(hidden, lora.a[first], lora.offsets[first], lora.ranks[first], la, k, rb,
-                                   second=two)
-        two = None if second is None else (lora.b[second], lora.offsets[second], lora.ranks[second])
-        moe_lora_expand_triton(gu, u, lora.b[first], lora.offsets[first], lora.ranks[first], lora.scales, la,
-                               0 if first == "gate" else i, second=two, y_pcol=i)
+        first, *second = [p for p in ("gate", "up") if p in lora.a]  # both (one launch) or one
+        tables = lambda pool, p: (pool[p], lora.offsets[p], lora.ranks[p])  # noqa: E731
+        u = moe_lora_shrink_triton(hidden, *tables(lora.a, first), la, k, rb,
+                                   second=tables(lora.a, second[0]) if second else None)
+        moe_lora_expand_triton(gu, u, *tables(lora.b, first), lora.scales, la, 0 if first == "gate" else i,
+                               second=tables(lora.b, second[0]) if second else None, y_pcol=i)
         h = silu_mul_triton(gu, hidden.dtype)
     else:
         cfg_act = gemm_config(n, e_num, i, hdim, hidden.dtype, dev)

@@ -10,8 +10,9 @@ belongs to one group. All sizes are static upper bounds derived from (N, G, BM):
 so nothing has to be read back to the host; kernels launch L // BM programs and
 early-exit on blocks >= num_blocks[0] (a device tensor).
 
-On the Triton path the whole alignment is one launch (kernels/_tl/align.py); `_align` is its
-torch twin (about 25 small ops). The twin keeps a stable order inside a group; the kernel
+On the Triton path the whole alignment is one launch (kernels/_tl/align.py); its torch twins
+are `moe_align_torch` and `moe_lora_align_torch` (about 25 small ops, through `_align`). The
+twins keep a stable order inside a group; the kernel
 places a group's pairs in atomic arrival order. Both are valid: every pair's result is
 computed on its own row, whatever its position.
 """
@@ -105,6 +106,12 @@ def _triton_ok(topk_ids: torch.Tensor) -> bool:
     return use_triton(topk_ids) and 0 < topk_ids.numel() <= MAX_TRITON_PAIRS
 
 
+def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
+    keys = topk_ids.reshape(-1).to(torch.int64)
+    sorted_ids, bg, nb = _align(keys, None, num_experts, block_m)
+    return MoeAlignment(sorted_ids, bg.to(torch.int32), None, nb, block_m, keys.numel())
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlignment:
     """Group routed pairs by expert, padded per expert to BM.
 
@@ -114,9 +121,21 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoeAlig
         raise ValueError(f"topk_ids must be (T, K), got {tuple(topk_ids.shape)}")
     if _triton_ok(topk_ids):
         return _align_triton(topk_ids.contiguous(), None, num_experts, 1, block_m)
-    keys = topk_ids.reshape(-1).to(torch.int64)
-    sorted_ids, bg, nb = _align(keys, None, num_experts, block_m)
-    return MoeAlignment(sorted_ids, bg.to(torch.int32), None, nb, block_m, keys.numel())
+    return moe_align_torch(topk_ids, num_experts, block_m)
+
+
+def moe_lora_align_torch(topk_ids: torch.Tensor, slot_ids: torch.Tensor, num_experts: int, num_slots: int,
+                         block_m: int) -> MoeAlignment:
+    k = topk_ids.shape[1]
+    e = topk_ids.reshape(-1).to(torch.int64)
+    s = slot_ids.to(torch.int64).repeat_interleave(k)
+    valid = s >= 0
+    keys = e * num_slots + s.clamp(min=0)
+    sorted_ids, bg, nb = _align(keys, valid, num_experts * num_slots, block_m)
+    unused = bg < 0
+    be = torch.where(unused, -1, bg // max(num_slots, 1)).to(torch.int32)
+    bs = torch.where(unused, -1, bg % max(num_slots, 1)).to(torch.int32)
+    return MoeAlignment(sorted_ids, be, bs, nb, block_m, e.numel())
 
 
 def moe_lora_align(
@@ -134,16 +153,7 @@ def moe_lora_align(
     if _triton_ok(topk_ids) and num_slots > 0:
         return _align_triton(topk_ids.contiguous(), slot_ids.to(torch.int32).contiguous(), num_experts,
                              num_slots, block_m)
-    k = topk_ids.shape[1]
-    e = topk_ids.reshape(-1).to(torch.int64)
-    s = slot_ids.to(torch.int64).repeat_interleave(k)
-    valid = s >= 0
-    keys = e * num_slots + s.clamp(min=0)
-    sorted_ids, bg, nb = _align(keys, valid, num_experts * num_slots, block_m)
-    unused = bg < 0
-    be = torch.where(unused, -1, bg // max(num_slots, 1)).to(torch.int32)
-    bs = torch.where(unused, -1, bg % max(num_slots, 1)).to(torch.int32)
-    return MoeAlignment(sorted_ids, be, bs, nb, block_m, e.numel())
+    return moe_lora_align_torch(topk_ids, slot_ids, num_experts, num_slots, block_m)
 
 
 def dense_lora_align(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> MoeAlignment:

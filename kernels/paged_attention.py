@@ -74,17 +74,26 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens
     return torch.einsum("bhl,blhd->bhd", p, v).to(q.dtype)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
-    """q (B, QH, D) -> (B, QH, D); block_tables (B, MAXB) int32, context_lens (B,) int32."""
+def _check_paged(q, k_cache, v_cache, block_tables, q_rows: str, tables: int | None) -> tuple[int, int, int, int]:
+    """Checks decode and prefill attention share: caches, q (q_rows, QH, D) and block tables with
+    `tables` rows (None: one per q row). Returns (BS, KVH, D, QH)."""
     check_cache(k_cache, v_cache)
-    nb, bs, kvh, d = k_cache.shape
-    check(q.dim() == 3 and q.shape[2] == d, f"q must be (B, QH, D={d}), got {tuple(q.shape)}")
-    b, qh, _ = q.shape
+    _, bs, kvh, d = k_cache.shape
+    check(q.dim() == 3 and q.shape[2] == d, f"q must be ({q_rows}, QH, D={d}), got {tuple(q.shape)}")
+    qh = q.shape[1]
     check(qh % kvh == 0, f"QH={qh} must be a multiple of KVH={kvh}")
     check(q.dtype == k_cache.dtype, f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
     check(q.stride(2) == 1, "q must have a contiguous last dim")
-    check(block_tables.dim() == 2 and block_tables.shape[0] == b and block_tables.dtype == torch.int32
-          and block_tables.is_contiguous(), "block_tables must be contiguous (B, MAXB) int32")
+    n = q.shape[0] if tables is None else tables
+    check(block_tables.dim() == 2 and block_tables.shape[0] == n and block_tables.dtype == torch.int32
+          and block_tables.is_contiguous(), f"block_tables must be contiguous ({n}, MAXB) int32")
+    return bs, kvh, d, qh
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    """q (B, QH, D) -> (B, QH, D); block_tables (B, MAXB) int32, context_lens (B,) int32."""
+    bs, kvh, d, qh = _check_paged(q, k_cache, v_cache, block_tables, "B", None)
+    b = q.shape[0]
     check(context_lens.shape == (b,) and context_lens.dtype == torch.int32, "context_lens must be (B,) int32")
     check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens)
     if not use_triton(q):
@@ -135,16 +144,9 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q, context_len
     [cu_q[c], cu_q[c+1]), ascending); context_lens (C,) int32 (cached prefix + chunk, >= chunk);
     max_q_len >= every chunk's length. Writes the chunks' rows of out (T, QH, D) and returns it;
     other rows are left as they are."""
-    check_cache(k_cache, v_cache)
-    nb, bs, kvh, d = k_cache.shape
-    check(q.dim() == 3 and q.shape[2] == d, f"q must be (T, QH, D={d}), got {tuple(q.shape)}")
-    t, qh, _ = q.shape
-    check(qh % kvh == 0, f"QH={qh} must be a multiple of KVH={kvh}")
-    check(q.dtype == k_cache.dtype, f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
-    check(q.stride(2) == 1, "q must have a contiguous last dim")
     c = context_lens.shape[0]
-    check(block_tables.dim() == 2 and block_tables.shape[0] == c and block_tables.dtype == torch.int32
-          and block_tables.is_contiguous(), f"block_tables must be contiguous (C={c}, MAXB) int32")
+    bs, kvh, d, qh = _check_paged(q, k_cache, v_cache, block_tables, "T", c)
+    t = q.shape[0]
     check(cu_q.shape == (c + 1,) and cu_q.dtype == torch.int32, f"cu_q must be (C+1={c + 1},) int32")
     check(context_lens.dtype == torch.int32, "context_lens must be int32")
     if out is None:

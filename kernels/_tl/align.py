@@ -13,6 +13,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _group_keys(topk_ids_ptr, slot_ids_ptr, p, N, K: tl.constexpr, S: tl.constexpr, HAS_SLOTS: tl.constexpr):
+    """Group key of pairs p (e * S + s, or e) and the mask of pairs that exist and are kept."""
+    m = p < N
+    key = tl.load(topk_ids_ptr + p, mask=m, other=0).to(tl.int32)
+    if HAS_SLOTS:
+        s = tl.load(slot_ids_ptr + p // K, mask=m, other=-1)
+        m = m & (s >= 0)
+        key = key * S + s
+    return key, m
+
+
+@triton.jit
 def moe_align_kernel(
     topk_ids_ptr,  # (N,) int32/int64 expert of pair p
     slot_ids_ptr,  # (T,) int32 adapter slot of token t (-1: pair dropped); read if HAS_SLOTS
@@ -54,12 +66,7 @@ def moe_align_kernel(
     # phase 1: count per group; the value an atomic returns is the pair's rank in its group
     for i in range(0, N, BLOCK):
         p = i + offs
-        m = p < N
-        key = tl.load(topk_ids_ptr + p, mask=m, other=0).to(tl.int32)
-        if HAS_SLOTS:
-            s = tl.load(slot_ids_ptr + p // K, mask=m, other=-1)
-            m = m & (s >= 0)
-            key = key * S + s
+        key, m = _group_keys(topk_ids_ptr, slot_ids_ptr, p, N, K, S, HAS_SLOTS)
         rank = tl.atomic_add(counts_ptr + key, 1, mask=m)
         tl.store(pos_ptr + p, rank, mask=m)
     tl.debug_barrier()
@@ -77,12 +84,7 @@ def moe_align_kernel(
     # phase 3: scatter pair ids; every used block holds at least one real pair, which labels it
     for i in range(0, N, BLOCK):
         p = i + offs
-        m = p < N
-        key = tl.load(topk_ids_ptr + p, mask=m, other=0).to(tl.int32)
-        if HAS_SLOTS:
-            s = tl.load(slot_ids_ptr + p // K, mask=m, other=-1)
-            m = m & (s >= 0)
-            key = key * S + s
+        key, m = _group_keys(topk_ids_ptr, slot_ids_ptr, p, N, K, S, HAS_SLOTS)
         dest = tl.load(counts_ptr + key, mask=m, other=0) + tl.load(pos_ptr + p, mask=m, other=0)
         tl.store(sorted_ids_ptr + dest, p, mask=m)
         blk = dest // BM

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.moe_align import dense_lora_align, moe_align, moe_lora_align
+from kernels.moe_align import dense_lora_align, moe_align, moe_align_torch, moe_lora_align, moe_lora_align_torch
 
 
 def _check(al, keys, valid, num_groups, bm):
@@ -62,17 +62,6 @@ def test_dense_align_all_base(device):
     assert int(al.num_blocks) == 0 and (al.sorted_ids == 5).all()
 
 
-def _twin(fn, *args):
-    import os
-
-    old = os.environ.pop("DRLORA_FORCE_TRITON", None)
-    try:
-        return fn(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
-    finally:
-        if old is not None:
-            os.environ["DRLORA_FORCE_TRITON"] = old
-
-
 def _same_layout(al, tw):
     """Block tables equal the twin's; pair order inside a group may differ (atomics)."""
     assert int(al.num_blocks) == int(tw.num_blocks) and al.max_blocks == tw.max_blocks
@@ -99,7 +88,7 @@ def test_moe_align_triton(T, K, E, bm, triton_on):
     keys = ids.reshape(-1).long().cpu()
     for blk, g, _ in _check(al, keys, None, E, bm):
         assert int(al.block_expert[blk]) == g
-    _same_layout(al, _twin(moe_align, ids, E, bm))
+    _same_layout(al, moe_align_torch(ids.cpu(), E, bm))
 
 
 @pytest.mark.parametrize("T,K,E,S,bm", [(1, 2, 4, 3, 4), (9, 2, 5, 3, 4), (12, 3, 6, 2, 16), (64, 8, 64, 16, 16)])
@@ -111,7 +100,7 @@ def test_moe_lora_align_triton(T, K, E, S, bm, triton_on):
     keys = ids.reshape(-1).long().cpu() * S + s.clamp(min=0)
     for blk, g, _ in _check(al, keys, s >= 0, E * S, bm):
         assert int(al.block_expert[blk]) == g // S and int(al.block_slot[blk]) == g % S
-    _same_layout(al, _twin(moe_lora_align, ids, slots, E, S, bm))
+    _same_layout(al, moe_lora_align_torch(ids.cpu(), slots.cpu(), E, S, bm))
 
 
 def test_dense_align_all_base_triton(triton_on):

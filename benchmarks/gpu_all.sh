@@ -10,7 +10,7 @@ out=${OUT:-bench-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$out/cuda_tests.log"
-python benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
+python benchmarks/kernel_bench.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
 python benchmarks/engine.py --out "$out/engine.json" 2>&1 | tee "$out/engine.log"
 python benchmarks/engine.py --memory-only --out "$out/engine_memory.json" 2>&1 | tee -a "$out/engine.log"
 python benchmarks/serve.py --dummy-olmoe --make-adapters 16 -c 64 -n 512 --max-tokens 128 \

@@ -1,7 +1,7 @@
 """Adapter lifecycle: registry of names and versions, host-memory LRU tier, device slots.
 
 - Registering reads and fully validates the adapter (drlora format, or a PEFT folder converted
-  by drlora_train.peft_interop); a bad adapter raises and changes nothing.
+  by drlora.peft); a bad adapter raises and changes nothing.
 - Replacing registers a new version; requests already submitted keep the version they pinned,
   which stays (host and device) until its last request finishes.
 - Device residency: `max_loras` slots in LoraBuffers. A version with running sequences is
@@ -56,7 +56,7 @@ def read_any_adapter(path: str | Path, base: MoeShape) -> Adapter:
         return read_adapter(path, base)
     if (path / "adapter_config.json").is_file():  # PEFT
         try:
-            from drlora_train.peft_interop import peft_to_drlora
+            from drlora.peft import peft_to_drlora
         except ImportError as exc:
             raise AdapterFormatError(f"{path} is a PEFT adapter but PEFT conversion is unavailable ({exc})") from None
         try:

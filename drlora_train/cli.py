@@ -103,7 +103,7 @@ def _train(argv: list[str]) -> int:
 
 def _export(argv: list[str]) -> int:
     ns = export_parser().parse_args(argv)
-    from drlora_train.peft_interop import export_peft
+    from drlora.peft import export_peft
 
     out = export_peft(ns.adapter, ns.out)
     print(f"wrote PEFT adapter {out}")
@@ -112,7 +112,7 @@ def _export(argv: list[str]) -> int:
 
 def _import(argv: list[str]) -> int:
     ns = import_parser().parse_args(argv)
-    from drlora_train.peft_interop import import_peft
+    from drlora.peft import import_peft
 
     out = import_peft(ns.peft_dir, ns.out, ns.model)
     print(f"wrote drlora adapter {out}")

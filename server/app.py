@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from drlora_serve.types import EngineClient
 from server import adapters, chat, completions
-from server.adapters import AdapterWatcher
+from server.watcher import AdapterWatcher
 from server.auth import ApiKeyMiddleware
 from server.errors import install_handlers
 from server.metrics import CONTENT_TYPE, ServerMetrics

@@ -12,7 +12,7 @@ from server.errors import APIError, model_not_found
 
 if TYPE_CHECKING:
     from drlora_serve.types import EngineClient
-    from server.adapters import AdapterWatcher
+    from server.watcher import AdapterWatcher
     from server.metrics import ServerMetrics
 
 

@@ -1,4 +1,4 @@
-"""PEFT adapter folders are served (converted on load by drlora_train.peft_interop)."""
+"""PEFT adapter folders are served (converted on load by drlora.peft)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from drlora_serve.types import SamplingParams
 
 from serve_helpers import PROMPTS, make_engine, run_all
 
-interop = pytest.importorskip("drlora_train.peft_interop")
+interop = pytest.importorskip("drlora.peft")
 peft = pytest.importorskip("peft")
 if not hasattr(interop, "peft_to_drlora"):
-    pytest.skip("drlora_train.peft_interop.peft_to_drlora is not there yet", allow_module_level=True)
+    pytest.skip("drlora.peft.peft_to_drlora is not there yet", allow_module_level=True)
 
 
 def test_peft_attention_lora_matches_merged_model(tiny_dir, tokenizer, tmp_path):

@@ -6,7 +6,7 @@ import asyncio
 import os
 import shutil
 
-from server.adapters import AdapterWatcher
+from server.watcher import AdapterWatcher
 from tests.server.conftest import make_adapter
 from tests.server.fake_engine import FakeEngine
 

@@ -6,7 +6,7 @@ import torch
 from drlora.adapter_format import AdapterConfig, read_adapter, write_adapter
 from drlora.models import MoeShape
 from drlora_train.lora import LoraSpec, adapter_tensors, attach_lora
-from drlora_train.peft_interop import export_peft, peft_to_drlora
+from drlora.peft import export_peft, peft_to_drlora
 from tests.train.conftest import load_tiny
 
 IDS = torch.tensor([[5, 17, 300, 42, 9, 700, 77, 3]])

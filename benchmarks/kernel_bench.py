@@ -2,7 +2,7 @@
 and padded multi-adapter LoRA; the routing alignment alone (one launch vs its torch twin);
 and prefill attention over the paged cache (one varlen launch vs torch SDPA per chunk).
 
-    python benchmarks/kernels.py --out results.json [--large] [--peak-gbs 3350]
+    python benchmarks/kernel_bench.py --out results.json [--large] [--peak-gbs 3350]
 
 Legend: T tokens, K top-k, E experts, S adapter slots, H hidden, I intermediate.
 Needs CUDA (refuses otherwise). Times are medians of triton.testing.do_bench (CUDA events,
@@ -23,9 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # this file shadows the package
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, uninstalled
 
 from kernels import MoeLoraLayer, fused_moe, moe_lora_align, pad_moe_lora, paged_prefill_attention  # noqa: E402
 from kernels import moe_align as kernels_moe_align  # noqa: E402
@@ -128,7 +126,7 @@ def main() -> None:
     if args.smoke:
         SMOKE, H, I, E = True, 64, 32, 8
     elif not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA device, refusing to run (kernel timings need a GPU).")
+        print("benchmarks/kernel_bench.py: no CUDA device, refusing to run (kernel timings need a GPU).")
         sys.exit(2)
     dev = torch.device("cpu" if SMOKE else "cuda")
     name = "cpu-smoke" if SMOKE else torch.cuda.get_device_name(dev)

@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None, engine_factory=None) -> None:
     def make_engine():
         if engine_factory is not None:
             return engine_factory(engine_args)
-        from drlora_serve.async_engine import AsyncLLMEngine
+        from drlora_serve.async_llm import AsyncLLM
 
-        return AsyncLLMEngine.from_args(engine_args)
+        return AsyncLLM.from_args(engine_args, log_level=level)
 
     app = build_app(make_engine, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=level,

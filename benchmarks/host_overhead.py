@@ -11,7 +11,8 @@ Two modes:
 - `--device-ms 0`: the host's own cost per step.
 - `--device-ms D`: an emulated asynchronous device, the way CUDA behaves: launching a step
   returns at once, and the first read of the step's results (the sampled tokens) waits until
-  D ms after the launch. D = 4.6 is an H100 decode step at OLMoE-1B-7B shapes and batch 64
+  D ms after the launch (after the previous step's end, if that is later: the device runs
+  one step at a time). D = 4.6 is an H100 decode step at OLMoE-1B-7B shapes and batch 64
   (13.8 GB of weights at 3 TB/s); D = 6 stands for batch 256.
 
 Offline: `LLM.generate` at batch 1/64/256. HTTP: the real `drlora-serve` (stub model inside)
@@ -56,18 +57,37 @@ NUM_TABLES = 64  # logits tables the stub cycles through
 
 
 # ---------------------------------------------------------------------------- the stub model
+class EmulatedEvent:
+    """A step's completion on the emulated device: done `device_ms` after its launch."""
+
+    def __init__(self, done_at: float):
+        self.done_at = done_at
+
+    def synchronize(self) -> None:
+        wait_until(self.done_at)
+
+
 class StubModel:
     """Stands in for the model: forward and logits are views of preallocated tensors (no
-    compute). `launched_at` is when the last step was launched (for the emulated device)."""
+    compute). With DRLORA_STUB_DEVICE_MS > 0 its steps complete on an emulated device: the
+    runner's completion event for a step launched at t is done at t + device_ms."""
 
-    def __init__(self, vocab: int, max_tokens: int, max_positions: int, seed: int = 0):
+    def __init__(self, vocab: int, max_tokens: int, max_positions: int, device_ms: float = 0.0, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.max_positions = max_positions
         self.kv_caches = []
         self.hidden = torch.zeros(max_tokens, 1)
         self.tables = torch.randn(NUM_TABLES, max_tokens, vocab, generator=g)
         self.calls = itertools.count()
+        self.device_ms = device_ms
         self.launched_at = 0.0
+        self.device_free_at = 0.0  # when the emulated device finishes the last launched step
+
+    @classmethod
+    def random(cls, config: dict, dtype, device, seed: int = 0) -> StubModel:
+        """`drlora-serve --model-class benchmarks.host_overhead:StubModel --load-format dummy`."""
+        return cls(config["vocab_size"], 8192, config.get("max_position_embeddings", 4096),
+                   float(os.environ.get("DRLORA_STUB_DEVICE_MS", "0")), seed)
 
     def forward(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
         self.launched_at = time.perf_counter()
@@ -75,6 +95,14 @@ class StubModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.tables[next(self.calls) % NUM_TABLES, :hidden.shape[0]]
+
+    def record_event(self) -> EmulatedEvent | None:
+        """Steps run one after another on the device: a step starts when it is launched and the
+        previous one is done, and takes device_ms."""
+        if self.device_ms <= 0:
+            return None
+        self.device_free_at = max(self.launched_at, self.device_free_at) + self.device_ms / 1000
+        return EmulatedEvent(self.device_free_at)
 
 
 def wait_until(t: float) -> None:
@@ -91,7 +119,6 @@ class Phases:
 
     def __init__(self):
         self.t = defaultdict(float)
-        self.wait = 0.0  # time blocked on the emulated device this step
         self.decode_steps = 0
         self.decode_host = 0.0
         self.cur: dict[str, float] = defaultdict(float)
@@ -116,28 +143,32 @@ class Phases:
         return {k: 1000 * v / n for k, v in sorted(self.t.items())}
 
 
-def _timed(obj, name: str, phases: Phases, label: str) -> None:
+def _timed(obj, name: str, phases: Phases, label: str, minus: str | None = None) -> None:
+    """Time obj.name under `label` (less the time spent meanwhile in phase `minus`)."""
     fn = getattr(obj, name)
 
     def wrapper(*a, **kw):
+        before = phases.cur[minus] if minus else 0.0
         t0 = time.perf_counter()
         try:
             return fn(*a, **kw)
         finally:
-            phases.add(label, time.perf_counter() - t0)
+            inner = (phases.cur[minus] - before) if minus else 0.0
+            phases.add(label, time.perf_counter() - t0 - inner)
 
     setattr(obj, name, wrapper)
 
 
 def build_engine(device_ms: float, max_num_seqs: int = 256):
-    """The real engine (scheduler, block manager, adapter pool, sampler, detokenizer) around
-    the stub model, instrumented per phase, with the emulated device when device_ms > 0."""
+    """The real engine (scheduler, block manager, adapter pool, sampler, output processor and
+    detokenizer) around the stub model, instrumented per phase; the emulated device when
+    device_ms > 0."""
     from transformers import AutoTokenizer
 
     from drlora.models import resolve_model
     from drlora_serve.config import EngineArgs
     from drlora_serve.engine import LLMEngine
-    from drlora_serve.model_runner import ModelRunner
+    from drlora_serve.model_runner import LaunchedStep, ModelRunner
 
     tiny = resolve_model("tiny")
     cfg = json.loads((tiny / "config.json").read_text())
@@ -146,27 +177,33 @@ def build_engine(device_ms: float, max_num_seqs: int = 256):
     args = EngineArgs(model=str(tiny), device="cpu", dtype="float32", max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=4096, num_kv_blocks=max_num_seqs * per_seq_blocks + 64,
                       max_loras=1, lora_pool_rank_rows=16, lora_dense_rank_rows=16)
-    stub = StubModel(cfg["vocab_size"], 4096, cfg["max_position_embeddings"])
+    stub = StubModel(cfg["vocab_size"], 4096 + max_num_seqs, cfg["max_position_embeddings"], device_ms)
     runner = ModelRunner(args, tiny, model=stub, config=cfg)
     engine = LLMEngine(args, model_dir=tiny, runner=runner, tokenizer=AutoTokenizer.from_pretrained(str(tiny)))
     phases = Phases()
     _timed(engine.scheduler, "schedule", phases, "schedule")
     _timed(runner, "prepare", phases, "prepare")
-    sampler = engine.sampler
+    sampler = runner.sampler
 
-    class EmulatedSampler:  # the token read is where the host blocks on the device
-        def __call__(self, logits, seqs):
-            t0 = time.perf_counter()
-            out = sampler(logits, seqs)
-            t1 = time.perf_counter()
-            if device_ms > 0:
-                wait_until(stub.launched_at + device_ms / 1000)
-            t2 = time.perf_counter()
-            phases.add("sample", t1 - t0)
-            phases.add("wait", t2 - t1)
-            return out
+    def timed_sampler(logits, batch):
+        t0 = time.perf_counter()
+        try:
+            return sampler(logits, batch)
+        finally:
+            phases.add("sample", time.perf_counter() - t0)
 
-    engine.sampler = EmulatedSampler()
+    runner.sampler = timed_sampler
+    wait = LaunchedStep.wait
+
+    def timed_wait(self):  # the host blocks on the device here; the rest is reading results
+        ev, self.event = self.event, None
+        t0 = time.perf_counter()
+        if ev is not None:
+            ev.synchronize()
+        phases.add("wait", time.perf_counter() - t0)
+        return wait(self)
+
+    LaunchedStep.wait = timed_wait
     step = engine.step
 
     def timed_step():
@@ -193,8 +230,7 @@ def run_offline(batch: int, device_ms: float) -> dict:
     from drlora_serve.types import SamplingParams
 
     engine, phases = build_engine(device_ms)
-    llm = LLM.__new__(LLM)  # LLM around the instrumented engine (its constructor builds its own)
-    llm.engine, llm.tokenizer, llm._ids = engine, engine.tokenizer, itertools.count()
+    llm = LLM.from_engine(engine)
     vocab = engine.runner.config["vocab_size"]
     sp = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0, ignore_eos=True)
     llm.generate(random_prompts(min(batch, 4), vocab, 1), sp)  # warm up
@@ -211,16 +247,6 @@ def run_offline(batch: int, device_ms: float) -> dict:
 
 
 # ---------------------------------------------------------------------------- HTTP
-def serve(port: int, device_ms: float) -> None:
-    """Child process: the real drlora-serve around the stub engine."""
-    from drlora_serve.async_engine import AsyncLLMEngine
-    from server.cli import main
-
-    engine, _ = build_engine(device_ms)
-    main(["--model", "tiny", "--port", str(port), "--max-num-seqs", "256", "--log-level", "warning"],
-         engine_factory=lambda _args: AsyncLLMEngine(engine))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -289,8 +315,13 @@ async def http_round(port: int, concurrency: int, requests_per_client: int, voca
 
 def start_server(device_ms: float, log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--serve-device-ms", str(device_ms)],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    blocks = 256 * -(-(PROMPT_LEN + OUTPUT_LEN) // 16) + 64
+    cmd = [sys.executable, "-m", "server.cli", "--model", "tiny", "--port", str(port), "--load-format", "dummy",
+           "--model-class", "benchmarks.host_overhead:StubModel", "--max-num-seqs", "256",
+           "--num-kv-blocks", str(blocks), "--log-level", "warning"]
+    env = {**os.environ, "DRLORA_STUB_DEVICE_MS": str(device_ms),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -366,13 +397,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--big-prompt-mb", type=float, default=10.0, help="0: skip the responsiveness probe")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--serve-device-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    if args.serve is not None:
-        serve(args.serve, args.serve_device_ms)
-        return 0
     import transformers
 
     from drlora.models import resolve_model

@@ -166,39 +166,45 @@ class EngineCore:
         """Read a launched step's results and apply them: append tokens, finish sequences,
         register newly full blocks for prefix caching."""
         res = step.wait()
-        keys, toks = out.seq_keys, out.token_ids
-        lps = res.logprob
-        rows_lp: list | None = [] if lps is not None else None
-        commit = self.blocks.commit
-        finish = self._finish
-        n_new = 0
-        for i, (seq, tok) in enumerate(zip(step.sample_seqs, res.tokens)):
-            if seq.status is SeqStatus.FINISHED:  # ended while this step ran: drop its row
-                continue
-            seq.token_ids.append(tok)
-            keys.append(seq.key)
-            toks.append(tok)
-            n_new += 1
-            if rows_lp is not None:
-                k = seq.request.params.logprobs
-                if k is None:
-                    rows_lp.append(None)
-                else:
-                    rows_lp.append((lps[i], res.top_ids[i][:k] if k else [], res.top_logprobs[i][:k] if k else []))
+        seqs, tokens = step.sample_seqs, res.tokens
+        finished = SeqStatus.FINISHED
+        if any(s.status is finished for s in seqs):  # ended while this step ran: drop their rows
+            keep = [i for i, s in enumerate(seqs) if s.status is not finished]
+            seqs, tokens = [seqs[i] for i in keep], [tokens[i] for i in keep]
+            if res.logprob is not None:
+                res.logprob = [res.logprob[i] for i in keep]
+                if res.top_ids is not None:
+                    res.top_ids, res.top_logprobs = [res.top_ids[i] for i in keep], [res.top_logprobs[i] for i in keep]
+        out.seq_keys = [s.key for s in seqs]
+        out.token_ids = tokens
+        self.counters.generation_tokens_total += len(tokens)
+        bs = self.blocks.block_size
+        caching = self.blocks.enable_prefix_caching
+        ended = []
+        for seq, tok in zip(seqs, tokens):
+            ids = seq.token_ids
+            ids.append(tok)
             if tok in seq.stop_ids:
-                finish(seq, "stop")
-            elif len(seq.token_ids) >= seq.max_tokens_total:
-                finish(seq, "length")
-            else:
-                commit(seq)
-        self.counters.generation_tokens_total += n_new
-        out.logprobs = rows_lp
+                ended.append((seq, "stop"))
+            elif len(ids) >= seq.max_tokens_total:
+                ended.append((seq, "length"))
+            elif caching and min(seq.num_computed_tokens, len(ids)) // bs > seq.num_hashed_blocks:
+                self.blocks.commit(seq)
+        if res.logprob is not None:
+            lps = []
+            for i, seq in enumerate(seqs):
+                k = seq.request.params.logprobs
+                lps.append(None if k is None else
+                           (res.logprob[i], res.top_ids[i][:k] if k else [], res.top_logprobs[i][:k] if k else []))
+            out.logprobs = lps
+        for seq, reason in ended:
+            self._finish(seq, reason)
         for seq in step.end_seqs:  # a whole prompt computed, nothing to sample (max_tokens == 0)
             if not seq.is_finished:
-                finish(seq, "length")
+                self._finish(seq, "length")
         for seq in step.chunk_seqs:
             if not seq.is_finished:
-                commit(seq)
+                self.blocks.commit(seq)
         for seq, first, lp, ti, tv in res.prompt:
             out.prompt_logprobs.append(PromptLogprobs(seq.key, first, lp, ti, tv))
 

@@ -81,12 +81,9 @@ class LLMEngine:
         touched, stopped = self.processor.process(self.core.step())
         if stopped:
             self.core.finish_seqs(stopped)
-        outs = []
-        for req in touched:
-            out = self.processor.output(req)
-            if out is not None:
-                outs.append(out)
-        return outs
+        output = self.processor.output
+        return [o for req in touched if (req.finished or req.params.output_kind != "final")
+                and (o := output(req)) is not None]
 
     # ------------------------------------------------------------------ adapters & stats
     def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:

@@ -21,8 +21,18 @@ class LLM:
             engine_args["lora_modules"] = {**engine_args.get("lora_modules", {}), **{k: str(v) for k, v in adapters.items()}}
         elif adapters is not None:
             engine_args["adapters_dir"] = str(adapters)
-        self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
-        self.tokenizer = self.engine.tokenizer
+        self._attach(LLMEngine(EngineArgs(model=model, **engine_args)))
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """An LLM around an engine built elsewhere (a custom runner, tests, benchmarks)."""
+        llm = cls.__new__(cls)
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
     def generate(self, prompts: str | list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams] | None = None,

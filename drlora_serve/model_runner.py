@@ -137,6 +137,7 @@ class ModelRunner:
         self._out_host = [torch.zeros(S + T, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._tables = np.zeros((S, MB), dtype=np.int32)  # row -> block table
         self._table_len = np.zeros(S, dtype=np.int64)  # entries mirrored per row
+        self._row_slot = np.full(S, -1, dtype=np.int32)  # row -> adapter slot (fixed while running)
         self._free_rows = list(range(S - 1, -1, -1))
         self._step_id = 0
         self._prev: LaunchedStep | None = None
@@ -169,6 +170,8 @@ class ModelRunner:
         r = seq.row
         if r < 0:
             r = seq.row = self._free_rows.pop()
+            v = seq.request.adapter_version
+            self._row_slot[r] = v.slot if v is not None else -1
         bt = seq.block_table
         n = self._table_len[r]
         if len(bt) != n:
@@ -186,20 +189,33 @@ class ModelRunner:
         B = len(decodes)
         prev = self._prev
         # decodes: one token each, at position num_computed - 1 (the scheduler advanced it)
-        rows = [self._row(s) for s in decodes]
-        pos = np.fromiter((s.num_computed_tokens - 1 for s in decodes), dtype=np.int64, count=B)
-        known = [s.token_ids[p] if p < len(s.token_ids) else -1 for s, p in zip(decodes, pos.tolist())]
-        npb["ids"][:B] = known
-        npb["pos"][:B] = pos
+        maxb = 0
+        gather_dst = gather_src = None
         if B:
-            r = np.asarray(rows, dtype=np.int64)
+            r = np.array([s.row for s in decodes], dtype=np.int64)
+            pos = np.array([s.num_computed_tokens for s in decodes], dtype=np.int64) - 1
+            stale = np.nonzero((r < 0) | (pos // bs >= self._table_len[r]))[0]  # new rows, new blocks
+            if len(stale):
+                r[stale] = [self._row(decodes[i]) for i in stale.tolist()]
+            npb["pos"][:B] = pos
             npb["slots"][:B] = self._tables[r, pos // bs] * bs + pos % bs
             maxb = int(self._table_len[r].max())
             npb["tables"][:B * maxb] = self._tables[r, :maxb].reshape(-1)
             npb["lens"][:B] = pos + 1
+            npb["adapters"][:B] = self._row_slot[r]
+            # the input token: known on the host, or still in flight (the previous step sampled it)
+            inflight = pos >= np.array([len(s.token_ids) for s in decodes], dtype=np.int64)
+            if inflight.all():
+                gather_dst = np.arange(B)
+                gather_src = np.array([s.sample_row for s in decodes], dtype=np.int64)
+            else:
+                known = np.nonzero(~inflight)[0].tolist()
+                npb["ids"][known] = [decodes[i].token_ids[p] for i, p in zip(known, pos[known].tolist())]
+                if inflight.any():
+                    gather_dst = np.nonzero(inflight)[0]
+                    gather_src = np.array([decodes[i].sample_row for i in gather_dst.tolist()], dtype=np.int64)
         adapters = npb["adapters"]
-        adapters[:B] = [s.request.adapter_version.slot if s.request.adapter_version is not None else -1 for s in decodes]
-        gather = [(i, s.sample_row) for i, (s, t) in enumerate(zip(decodes, known)) if t < 0]
+        gather = []
         # prefill chunks (host-known tokens; a token still in flight is gathered like a decode's)
         T = B
         cu = npb["cu"]
@@ -219,11 +235,16 @@ class ModelRunner:
             adapters[T:T + n] = v.slot if v is not None else -1
             T += n
             cu[c + 1] = T
-        if gather:
-            assert prev is not None, "a token in flight without a previous step"
+        if gather:  # prefill chunks whose last token is in flight (rare)
             g = np.asarray(gather, dtype=np.int64)
-            npb["gather_dst"][:len(g)], npb["gather_src"][:len(g)] = g[:, 0], g[:, 1]
-            npb["ids"][g[:, 0]] = 0  # placeholders, overwritten on the device
+            gather_dst = g[:, 0] if gather_dst is None else np.concatenate([gather_dst, g[:, 0]])
+            gather_src = g[:, 1] if gather_src is None else np.concatenate([gather_src, g[:, 1]])
+        ng = 0
+        if gather_dst is not None:
+            assert prev is not None, "a token in flight without a previous step"
+            ng = len(gather_dst)
+            npb["gather_dst"][:ng], npb["gather_src"][:ng] = gather_dst, gather_src
+            npb["ids"][gather_dst] = 0  # placeholders, overwritten on the device
         # rows needing logits: the last token of every sampling chunk
         sample_rows = list(range(B))
         for c, ch in enumerate(prefills):
@@ -259,8 +280,8 @@ class ModelRunner:
                     ctx.router_groups.append((slot, torch.from_numpy(rows_).to(dev)))
         input_ids = d(buf.ids, T)
         gather_t = None
-        if gather:
-            gather_t = (d(buf.gather_dst, len(gather)), d(buf.gather_src, len(gather)))
+        if ng:
+            gather_t = (d(buf.gather_dst, ng), d(buf.gather_src, ng))
         return input_ids, ctx, d(buf.sample_rows, len(sample_rows)), gather_t
 
     # ------------------------------------------------------------------ run

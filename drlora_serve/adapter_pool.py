@@ -32,7 +32,7 @@ from drlora.models import MoeShape
 from drlora_serve.lora_buffers import LoraBuffers
 from drlora_serve.types import AdapterInfo, AdapterNotFoundError
 
-_ids = itertools.count()
+_ids = itertools.count(1)  # AdapterVersion.uid: unique in the process, never reused
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +47,7 @@ class AdapterVersion:
     active: int = 0  # running sequences (pins the device slot)
     slot: int | None = None
     last_used: float = 0.0
-    uid: int = 0
+    uid: int = 0  # process-unique identity (prefix-cache key, host tier key); never repeats
 
 
 def read_any_adapter(path: str | Path, base: MoeShape) -> Adapter:

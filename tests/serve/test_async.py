@@ -81,3 +81,25 @@ def test_llm_api(tiny_dir, adapters_dir):
         llm.generate("x", sp, adapter="c")
     llm.load_adapter("c", adapters_dir / "c")
     assert {a.name for a in llm.list_adapters()} == {"a", "b", "c"}
+
+
+def test_name_reloaded_with_other_weights_never_hits_the_old_prefix_cache(tiny_dir, tiny_shape, tmp_path):
+    """Unload a name, load other weights under it: its version restarts, but its cached KV
+    must not be reused (issue 10.1). The same prompt to the reloaded name and to the adapter
+    the weights came from must then agree exactly."""
+    from serve_helpers import make_adapter
+
+    make_adapter(tmp_path / "lookup", tiny_shape, seed=21, std=0.3, dense=True)
+    make_adapter(tmp_path / "flip", tiny_shape, seed=22, std=0.3, dense=True)
+    llm = LLM(str(tiny_dir), adapters={"lookup": str(tmp_path / "lookup"), "flip": str(tmp_path / "flip")},
+              num_kv_blocks=128, device="cpu", dtype="float32")
+    prompt = " ".join(f"k{i}:{i * 7 % 100}" for i in range(12))  # several full KV blocks
+    assert len(llm.tokenizer.encode(prompt)) >= 45
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    before = llm.generate(prompt, sp, adapter="lookup")[0].outputs[0]
+    llm.unload_adapter("lookup")
+    llm.load_adapter("lookup", tmp_path / "flip")
+    again = llm.generate(prompt, sp, adapter="lookup")[0].outputs[0]
+    flip = llm.generate(prompt, sp, adapter="flip")[0].outputs[0]
+    assert again.token_ids == flip.token_ids != before.token_ids
+    assert [x.logprob for x in again.logprobs] == pytest.approx([x.logprob for x in flip.logprobs], abs=1e-5)

@@ -122,6 +122,26 @@ def test_hot_load_by_folder_and_endpoint(env):
         c.completions.create(model="b1", prompt="x", max_tokens=2)
 
 
+def test_folder_recreated_with_other_weights_never_hits_the_old_prefix_cache(env):
+    """Retraining into the same folder: the watcher unloads the name, then loads it again
+    (its version restarts at 1). The old weights' cached KV must not be reused (issue 10.1)."""
+    c, a = client(env), env["adapters"]
+    prompt = " ".join(f"k{i}:{i * 7 % 100}" for i in range(12))  # several full KV blocks
+    kw = dict(prompt=prompt, max_tokens=6, temperature=0, logprobs=0)
+    make_adapter(a / "retrained", seed=9)
+    wait_for_model(env, "retrained")
+    before = c.completions.create(model="retrained", **kw).choices[0]
+    shutil.rmtree(a / "retrained")
+    wait_for_model(env, "retrained", present=False)
+    shutil.copytree(a / "a1", a / "retrained")  # now the same weights as a1
+    wait_for_model(env, "retrained")
+    again = c.completions.create(model="retrained", **kw).choices[0]
+    ref = c.completions.create(model="a1", **kw).choices[0]
+    assert again.text == ref.text != before.text
+    assert again.logprobs.token_logprobs == pytest.approx(ref.logprobs.token_logprobs, abs=1e-5)
+    shutil.rmtree(a / "retrained")
+
+
 def test_errors_and_metrics(env):
     c, url = client(env), env["url"]
     with pytest.raises(openai.NotFoundError) as e:

@@ -51,4 +51,6 @@ class Detokenizer:
         if seq.is_finished or not seq.params.stop:
             return seq.text
         hold = max(len(s) for s in seq.params.stop) - 1
-        return seq.text[:len(seq.text) - hold] if hold > 0 else seq.text
+        # max(0, ...): while the text is shorter than the hold, nothing is visible (a negative
+        # end would slice from the other side and show text that later snapshots take back)
+        return seq.text[:max(0, len(seq.text) - hold)]

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
+import string
 import time
 
 import httpx
@@ -97,6 +99,69 @@ def test_chat_and_lm_eval_scoring(env):
     assert r.choices[0].text == "The cat sat on the mat"
     assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
     assert all(len(t) >= 1 for t in lp.top_logprobs[1:])
+
+
+def random_stops(rng: random.Random, text: str) -> list[str]:
+    """1 to 4 stop strings: pieces of the unconstrained output (so that some hit, anywhere)
+    and random strings of 3 to 10 characters (longer than the text so far, so held back)."""
+    stops = []
+    for _ in range(rng.randint(1, 4)):
+        if text and rng.random() < 0.5:
+            i = rng.randrange(len(text))
+            stops.append(text[i:i + rng.randint(1, 8)])
+        else:
+            stops.append("".join(rng.choices(string.ascii_letters + " :>-=", k=rng.randint(3, 10))))
+    return stops
+
+
+def test_streamed_text_equals_unstreamed_over_random_stop_sets(env):
+    """Joined stream deltas == the non-streamed text, and the same finish reasons, for random
+    stop sets, greedy and seeded sampling, completions and chat, n = 1 and 2 (issue 10.2)."""
+    aclient = openai.AsyncOpenAI(base_url=env["url"] + "/v1", api_key=KEY, max_retries=0)
+    rng = random.Random(10)
+    modes = {"greedy": dict(temperature=0), "seeded": dict(temperature=1.0, seed=3)}
+
+    def call(kind: str, model: str, kw: dict, stream: bool):
+        if kind == "chat":
+            return aclient.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "dave:26 frank:56. get frank:"}],
+                stream=stream, **kw)
+        return aclient.completions.create(model=model, prompt="dave:26 frank:56. get frank:",
+                                          stream=stream, **kw)
+
+    async def unstreamed(kind, model, kw) -> list[tuple[str, str]]:
+        r = await call(kind, model, kw, False)
+        return [((c.message.content if kind == "chat" else c.text), c.finish_reason)
+                for c in sorted(r.choices, key=lambda c: c.index)]
+
+    async def streamed(kind, model, kw) -> list[tuple[str, str]]:
+        text: dict[int, str] = {}
+        reason: dict[int, str] = {}
+        async for ch in await call(kind, model, kw, True):
+            for c in ch.choices:
+                piece = (c.delta.content or "") if kind == "chat" else c.text
+                text[c.index] = text.get(c.index, "") + piece
+                if c.finish_reason:
+                    reason[c.index] = c.finish_reason
+        return [(text[i], reason[i]) for i in sorted(text)]
+
+    async def main() -> int:
+        cases = [(kind, model, mode, n) for kind in ("completions", "chat") for model in ("tiny", "a1")
+                 for mode in modes for n in (1, 2) if not (mode == "greedy" and n == 2)]
+        bases = await asyncio.gather(*[unstreamed(kind, model, dict(max_tokens=16, n=n, **modes[mode]))
+                                       for kind, model, mode, n in cases])
+        jobs = []
+        for (kind, model, mode, n), base in zip(cases, bases):
+            for _ in range(4):
+                stops = random_stops(rng, rng.choice(base)[0])
+                jobs.append((kind, model, dict(max_tokens=16, n=n, stop=stops, **modes[mode])))
+        got = await asyncio.gather(*[f(*job) for job in jobs for f in (unstreamed, streamed)])
+        for k, job in enumerate(jobs):
+            assert got[2 * k + 1] == got[2 * k], job
+        return sum(r == "stop" for g in got for _, r in g)
+
+    stopped = asyncio.run(main())
+    assert stopped > 10  # the stop sets did cut some outputs
 
 
 def test_hot_load_by_folder_and_endpoint(env):

@@ -61,7 +61,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     ids = render(state, req)
     max_tokens = g.check_prompt(state, ids, req.token_limit(), "messages", "messages")
     k = req.top_logprobs or 0
-    params = g.sampling_params(req, max_tokens, k if req.logprobs else None)
+    params = g.sampling_params(state, req, max_tokens, k if req.logprobs else None)
     rid = g.new_id("chatcmpl")
     its = await g.start_all([g.run(state, ids, params, rid, adapter)])
     stream = g.merge(its)

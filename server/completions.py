@@ -101,7 +101,7 @@ async def create_completion(req: CompletionRequest, request: Request):
         max_tokens = g.check_prompt(state, p.ids, req.max_tokens, "prompt",
                                     f"prompt {i}" if many else "prompt")
         prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-        params.append(g.sampling_params(req, max_tokens, req.logprobs, prompt_lp))
+        params.append(g.sampling_params(state, req, max_tokens, req.logprobs, prompt_lp))
     rid = g.new_id("cmpl")
     its = [g.run(state, p.ids, sp, f"{rid}-{i}", adapter) for i, (p, sp) in enumerate(zip(prompts, params))]
     its = await g.start_all(its)

@@ -47,8 +47,13 @@ def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, par
     return max_tokens
 
 
-def sampling_params(req, max_tokens: int, logprobs: int | None = None,
+def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | None = None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
+    vocab = len(state.engine.tokenizer)
+    bad = next((t for t in req.stop_token_ids or [] if t >= vocab), None)
+    if bad is not None:
+        raise bad_request(f"stop_token_ids: token id {bad} is out of vocabulary (size {vocab})",
+                          "stop_token_ids")
     top_k = req.top_k if req.top_k not in (None, 0) else -1
     params = SamplingParams(
         max_tokens=max_tokens,

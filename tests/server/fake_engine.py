@@ -32,6 +32,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.started = self.stopped = False
         self.fail_next = False  # the next generate raises RuntimeError mid-way
+        self.fail_list = False  # list_adapters raises RuntimeError (an unexpected failure)
         self.stats_ = EngineStats(max_loras=4)
 
     async def start(self) -> None:
@@ -99,6 +100,8 @@ class FakeEngine:
         pass
 
     def list_adapters(self) -> list[AdapterInfo]:
+        if self.fail_list:
+            raise RuntimeError("adapter list unavailable")
         return list(self.adapters.values())
 
     async def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:

@@ -207,6 +207,94 @@ def test_folder_recreated_with_other_weights_never_hits_the_old_prefix_cache(env
     shutil.rmtree(a / "retrained")
 
 
+SURROGATE = '"\\ud800x"'  # JSON text of a lone surrogate: valid JSON, not encodable as UTF-8
+DEEP = "[" * 100_000 + "]" * 100_000
+
+# (method, path, raw JSON body or None, status, param): each is sent as is on one connection
+MALFORMED = [
+    ("POST", "/v1/completions", '{"model": "tiny", "prompt": %s}' % SURROGATE, 400, "prompt"),
+    ("POST", "/v1/completions", '{"prompt": ["ok", %s]}' % SURROGATE, 400, "prompt"),
+    ("POST", "/v1/completions", '{"model": %s, "prompt": "x"}' % SURROGATE, 400, "model"),
+    ("POST", "/v1/completions", '{"prompt": "x", "stop": [%s]}' % SURROGATE, 400, "stop"),
+    ("POST", "/v1/completions", '{"prompt": "x", "user": %s}' % SURROGATE, 400, "user"),
+    ("POST", "/v1/completions", '{"prompt": "x", "logit_bias": {%s: 1}}' % SURROGATE, 400, "logit_bias"),
+    ("POST", "/v1/completions", '{"prompt": "x", "response_format": {"type": %s}}' % SURROGATE, 400,
+     "response_format"),
+    ("POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": %s}]}' % SURROGATE, 400,
+     "messages"),
+    ("POST", "/v1/chat/completions",
+     '{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}' % SURROGATE, 400, "messages"),
+    ("POST", "/v1/chat/completions", '{"messages": [{"role": %s, "content": "x"}]}' % SURROGATE, 400, "messages"),
+    ("POST", "/v1/chat/completions", '{"model": %s, "messages": [{"role": "user", "content": "x"}]}' % SURROGATE,
+     400, "model"),
+    ("POST", "/v1/load_lora_adapter", '{"lora_name": %s, "lora_path": "x"}' % SURROGATE, 400, "lora_name"),
+    ("POST", "/v1/load_lora_adapter", '{"lora_name": "x", "lora_path": %s}' % SURROGATE, 400, "lora_path"),
+    ("POST", "/v1/unload_lora_adapter", '{"lora_name": %s}' % SURROGATE, 400, "lora_name"),
+    ("POST", "/v1/completions", '{oops', 400, None),
+    ("POST", "/v1/completions", '{"prompt": "x"', 400, None),
+    ("POST", "/v1/completions", '', 400, None),
+    ("POST", "/v1/completions", 'null', 400, None),
+    ("POST", "/v1/completions", '[]', 400, None),
+    ("POST", "/v1/completions", '"prompt"', 400, None),
+    ("POST", "/v1/completions", '{"prompt": 5}', 400, "prompt"),
+    ("POST", "/v1/completions", '{"prompt": {"a": 1}}', 400, "prompt"),
+    ("POST", "/v1/completions", '{"prompt": [[1, "a"]]}', 400, "prompt"),
+    ("POST", "/v1/completions", '{"prompt": "x", "max_tokens": "many"}', 400, "max_tokens"),
+    ("POST", "/v1/completions", '{"prompt": "x", "max_tokens": 1e400}', 400, "max_tokens"),
+    ("POST", "/v1/completions", '{"prompt": "x", "max_tokens": %d}' % 10**40, 400, "max_tokens"),
+    ("POST", "/v1/completions", '{"prompt": "x", "n": %d}' % 10**30, 400, "n"),
+    ("POST", "/v1/completions", '{"prompt": "x", "seed": %d}' % 10**30, 400, "seed"),
+    ("POST", "/v1/completions", '{"prompt": [%d]}' % 10**30, 400, "prompt"),
+    ("POST", "/v1/completions", '{"prompt": "x", "stop_token_ids": [%d]}' % 10**30, 400, "stop_token_ids"),
+    ("POST", "/v1/completions", '{"prompt": "x", "top_k": %d}' % 10**20, 400, "top_k"),
+    ("POST", "/v1/completions", '{"prompt": "x", "temperature": NaN}', 400, "temperature"),
+    ("POST", "/v1/completions", '{"prompt": "x", "top_p": -Infinity}', 400, "top_p"),
+    ("POST", "/v1/completions", '{"prompt": "x", "temperature": 1e308}', 400, "temperature"),
+    ("POST", "/v1/completions", '{"prompt": "x", "presence_penalty": NaN}', 400, "presence_penalty"),
+    ("POST", "/v1/completions", '{"prompt": %s}' % DEEP, 400, None),
+    ("POST", "/v1/completions", '{"prompt": "x", "stream_options": "yes"}', 400, "stream_options"),
+    ("POST", "/v1/chat/completions", '{"messages": "hi"}', 400, "messages"),
+    ("POST", "/v1/chat/completions",
+     '{"messages": [{"role": "user", "content": [{"type": "text", "text": {"a": [1, 2]}}]}]}', 400, "messages"),
+    ("POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400,
+     "messages"),
+    ("POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400,
+     "max_tokens"),
+    ("GET", "/v1/completions", None, 405, None),
+    ("GET", "/v1/nothing", None, 404, None),
+    ("GET", "/v1/models/%ED%A0%80", None, 404, None),
+]
+
+
+def test_malformed_inputs_are_4xx_and_keep_the_connection(env):
+    """Every malformed body is a 4xx with the OpenAI error body naming the field, and the
+    keep-alive connection survives all of them in a row (issue 10.3)."""
+    connects = []
+
+    def trace(event: str, info: dict) -> None:
+        if event == "connection.connect_tcp.complete":
+            connects.append(event)
+
+    h = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    with httpx.Client(base_url=env["url"], headers=h, timeout=60,
+                      limits=httpx.Limits(max_connections=1)) as c:
+        for method, path, body, status, param in MALFORMED:
+            r = c.request(method, path, content=None if body is None else body.encode("utf-8", "surrogatepass"),
+                          extensions={"trace": trace})
+            assert r.status_code == status, (path, body[:200] if body else None, r.text[:300])
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["code"] == status, err
+            if param is not None:
+                assert err["param"] == param, (body, err)
+        # wrong key (body never read), then a good request: still the same connection
+        r = c.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"},
+                   extensions={"trace": trace})
+        assert r.status_code == 401
+        r = c.post("/v1/completions", json={"prompt": "dave:26", "max_tokens": 3}, extensions={"trace": trace})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert len(connects) == 1, f"{len(connects)} connections for {len(MALFORMED) + 2} requests"
+
+
 def test_errors_and_metrics(env):
     c, url = client(env), env["url"]
     with pytest.raises(openai.NotFoundError) as e:

@@ -13,7 +13,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import ServerProcess, fake_server_cmd
+from server.app import build_app
+from server.state import ServerConfig
+from tests.server.conftest import ServerProcess, fake_server_cmd, uvicorn_in_thread
+from tests.server.fake_engine import FakeEngine
 
 
 def gauge(url: str, name: str) -> float:
@@ -107,3 +110,24 @@ def test_load_format_and_pool_flags_reach_the_engine():
     r = subprocess.run([sys.executable, "-m", "server.cli", "--load-format", "pickle"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "load-format" in r.stderr
+
+
+def test_unexpected_failure_is_a_500_body_and_keeps_the_connection(tokenizer):
+    """An exception no handler expects (here: the engine's adapter list fails) is a 500 with
+    the OpenAI body, and the keep-alive connection survives it (issue 10.3)."""
+    engine = FakeEngine(tokenizer)
+    app = build_app(lambda: engine, ServerConfig())
+    connects = []
+
+    def trace(event: str, info: dict) -> None:
+        if event == "connection.connect_tcp.complete":
+            connects.append(event)
+
+    with uvicorn_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        engine.fail_list = True
+        for _ in range(3):
+            r = c.get("/v1/models", extensions={"trace": trace})
+            assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError", r.text
+        engine.fail_list = False
+        assert c.get("/v1/models", extensions={"trace": trace}).status_code == 200
+    assert len(connects) == 1

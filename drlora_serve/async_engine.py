@@ -79,13 +79,7 @@ class AsyncLLMEngine:
         streaming), then returns an async iterator of cumulative snapshots."""
         if not self._accepting:
             raise InvalidRequestError("the engine is shutting down")
-        params.validate()
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty")
-        if n + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                                      f"maximum context length {self.max_model_len}")
+        self.engine.check_request(prompt_token_ids, params)
         if adapter is not None and adapter not in self.engine.pool.current:
             raise AdapterNotFoundError(f"adapter '{adapter}' not found")
         if request_id in self._streams:
@@ -115,7 +109,8 @@ class AsyncLLMEngine:
                 if finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
+            if self._streams.get(request_id) is q:
+                del self._streams[request_id]
             if not finished:  # client went away: abort and free its blocks
                 self._commands.put(("abort", request_id))
                 self._wake.set()
@@ -154,6 +149,8 @@ class AsyncLLMEngine:
         q = self._streams.get(request_id)
         if q is not None:
             q.put_nowait(item)
+            if isinstance(item, BaseException) or item.finished:  # its last item: forget the
+                del self._streams[request_id]  # stream even if no one ever iterates it
 
     def _send(self, request_id: str, item) -> None:
         self._loop.call_soon_threadsafe(self._emit, request_id, item)

@@ -61,11 +61,10 @@ class LLMEngine:
             self.pool.register(name, path)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None) -> Request:
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """What add_request refuses about the request itself (InvalidRequestError). Reads only
+        fixed sizes, so any thread may call it (AsyncLLMEngine.generate does, up front)."""
         params.validate()
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id '{request_id}' is already in use")
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty")
@@ -79,6 +78,12 @@ class LLMEngine:
         need = self.blocks.blocks_for(n + params.max_tokens)
         if need > self.blocks.num_blocks:
             raise InvalidRequestError(f"request needs {need} KV blocks but the cache has {self.blocks.num_blocks}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter: str | None = None) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id '{request_id}' is already in use")
+        self.check_request(prompt_token_ids, params)
         version = self.pool.acquire(adapter) if adapter is not None else None  # AdapterNotFoundError
         req = Request(request_id, list(prompt_token_ids), params, adapter, version, time.monotonic(),
                       device=str(self.runner.device))

@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import shutil
+import socket
 import string
 import time
 
@@ -21,6 +23,7 @@ from tests.server.conftest import ServerProcess, has_real_engine, make_adapter, 
 pytestmark = pytest.mark.skipif(not has_real_engine(), reason="drlora_serve.async_engine not available")
 KEY = "test-key"
 PROMPTS = ["The cat", "Once upon a time", "hello world"]
+MAX_PROMPTS = 600
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,8 @@ def env(tmp_path_factory):
     make_adapter(adapters / ".staging" / "b1", seed=3)  # hidden: only loadable by endpoint
     make_adapter(tmp / "outside" / "evil", seed=4)
     s = ServerProcess(real_server_cmd("--adapters", str(adapters), "--watch-interval", "0.2",
-                                      "--api-key", KEY, "--max-num-seqs", "16"), log=tmp / "log.txt")
+                                      "--api-key", KEY, "--max-num-seqs", "16", "--max-prompts-per-request",
+                                      str(MAX_PROMPTS)), log=tmp / "log.txt")
     yield {"server": s, "url": s.url, "adapters": adapters, "tmp": tmp}
     assert s.stop() == 0, s.tail()  # SIGINT: graceful shutdown, exit 0
     assert "Application shutdown complete" in s.tail()
@@ -293,6 +297,60 @@ def test_malformed_inputs_are_4xx_and_keep_the_connection(env):
         r = c.post("/v1/completions", json={"prompt": "dave:26", "max_tokens": 3}, extensions={"trace": trace})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert len(connects) == 1, f"{len(connects)} connections for {len(MALFORMED) + 2} requests"
+
+
+def engine_load(url: str) -> tuple[float, float, float]:
+    """(running, waiting, generated tokens so far) from /metrics."""
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+    return tuple(fams[n].samples[0].value for n in
+                 ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:generation_tokens"))
+
+
+def wait_load(url: str, pred, timeout: float) -> tuple[float, float, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        load = engine_load(url)
+        if pred(load) or time.monotonic() > deadline:
+            return load
+        time.sleep(0.05)
+
+
+def test_prompt_count_is_bounded(env):
+    c = client(env)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt=["x"] * (MAX_PROMPTS + 1), max_tokens=1)
+    assert e.value.body["param"] == "prompt" and "--max-prompts-per-request" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):  # prompts x n counts
+        c.completions.create(model="tiny", prompt=["x"] * (MAX_PROMPTS // 2), n=3, max_tokens=1)
+    r = c.completions.create(model="tiny", prompt=[f"p{i}" for i in range(40)], max_tokens=2, n=2)
+    assert sorted(ch.index for ch in r.choices) == list(range(80))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_many_prompts_run_together_count_in_gauges_and_stop_with_the_client(env, stream):
+    """One request with MAX_PROMPTS long prompts: all submitted at once (the gauges count them
+    all at once: 16 running, the rest waiting), and all aborted when the client hangs up
+    (issue 10.4)."""
+    url, n = env["url"], MAX_PROMPTS
+    assert wait_load(url, lambda l: l[0] + l[1] == 0, 10)[:2] == (0, 0)
+    body = json.dumps({"model": "a1", "prompt": [f"item {i}: the" for i in range(n)], "max_tokens": 300,
+                       "ignore_eos": True, "stream": stream}).encode()
+    sock = socket.create_connection(("127.0.0.1", env["server"].port))
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer " + KEY.encode() +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        running, waiting, _ = wait_load(url, lambda l: l[0] + l[1] == n, 20)
+        assert (running, waiting) == (16, n - 16), "not all prompts were submitted together"
+        if stream:
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        sock.close()  # the client hangs up
+    t0 = time.monotonic()
+    running, waiting, tokens = wait_load(url, lambda l: l[0] + l[1] == 0, 10)
+    assert (running, waiting) == (0, 0), "the prompts ran on after the client left"
+    assert time.monotonic() - t0 < 5
+    time.sleep(0.5)
+    assert engine_load(url)[2] == tokens  # nothing generated any more
 
 
 def test_errors_and_metrics(env):

@@ -103,3 +103,33 @@ def test_name_reloaded_with_other_weights_never_hits_the_old_prefix_cache(tiny_d
     flip = llm.generate(prompt, sp, adapter="flip")[0].outputs[0]
     assert again.token_ids == flip.token_ids != before.token_ids
     assert [x.logprob for x in again.logprobs] == pytest.approx([x.logprob for x in flip.logprobs], abs=1e-5)
+
+
+def test_package_root_exports_vllm_names_lazily():
+    """`from drlora_serve import LLM, SamplingParams` works as in vLLM, and importing the
+    package or its light names does not import torch (issue 10.8)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import drlora_serve
+assert "torch" not in sys.modules, "import drlora_serve imported torch"
+from drlora_serve import SamplingParams, EngineArgs, AsyncEngineArgs, RequestOutput, CompletionOutput
+assert "torch" not in sys.modules, "a light name imported torch"
+assert AsyncEngineArgs is EngineArgs and SamplingParams(max_tokens=3).max_tokens == 3
+from drlora_serve import LLM, LLMEngine, AsyncLLMEngine
+import drlora_serve.async_engine, drlora_serve.engine, drlora_serve.llm, drlora_serve.types
+assert (LLM, LLMEngine, AsyncLLMEngine) == (drlora_serve.llm.LLM, drlora_serve.engine.LLMEngine,
+                                            drlora_serve.async_engine.AsyncLLMEngine)
+assert RequestOutput is drlora_serve.types.RequestOutput
+assert set(drlora_serve.__all__) <= set(dir(drlora_serve)) and isinstance(drlora_serve.__version__, str)
+try:
+    drlora_serve.Nope
+except AttributeError:
+    pass
+else:
+    raise AssertionError("unknown names must raise AttributeError")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

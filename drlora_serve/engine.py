@@ -203,4 +203,5 @@ class LLMEngine:
             waiting_adapters=sorted({s.request.adapter for s in waiting if s.request.adapter}),
             max_loras=self.args.max_loras, prompt_tokens_total=c.prompt_tokens_total,
             generation_tokens_total=c.generation_tokens_total, num_preemptions_total=c.num_preemptions_total,
-            requests_finished_total=c.requests_finished_total)
+            requests_finished_total=c.requests_finished_total,
+            adapter_load_seconds={k: h.copy() for k, h in self.pool.load_seconds.items()})

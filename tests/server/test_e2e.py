@@ -371,3 +371,53 @@ def test_errors_and_metrics(env):
     assert fams["vllm:generation_tokens"].samples[0].value > 0
     assert fams["vllm:time_to_first_token_seconds"].samples
     assert "vllm:lora_requests_info" in fams and "vllm:kv_cache_usage_perc" in fams
+
+
+def test_adapter_residency_and_load_time_metrics(tmp_path):
+    """/metrics says where each adapter is (device pool, host memory, disk), how big it is,
+    and how long loads took by stage. One device slot and one host slot make every tier
+    appear in a known order (issue 10.8)."""
+    from drlora.adapter_format import load_config
+
+    adapters = tmp_path / "adapters"
+    make_adapter(adapters / "a", seed=1)
+    make_adapter(adapters / "b", seed=2, max_rank=8)
+    s = ServerProcess(real_server_cmd("--adapters", str(adapters), "--max-loras", "1", "--max-cpu-loras", "1"),
+                      log=tmp_path / "log.txt")
+    try:
+        def scrape() -> tuple[dict, dict]:
+            fams = {f.name: f for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)}
+            tiers = {x.labels["lora_name"]: x.labels for x in fams["drlora:loaded_lora_adapters"].samples}
+            loads = {(x.labels["stage"], x.name.rsplit("_", 1)[-1]): x.value
+                     for x in fams["drlora:lora_load_seconds"].samples if not x.name.endswith("_bucket")}
+            return tiers, loads
+
+        def ask(model: str) -> None:
+            r = httpx.post(s.url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+
+        def settled(want: dict) -> tuple[dict, dict]:  # stats refresh right after the engine step
+            deadline = time.monotonic() + 5
+            while True:
+                tiers, loads = scrape()
+                if {k: v["tier"] for k, v in tiers.items()} == want or time.monotonic() > deadline:
+                    assert {k: v["tier"] for k, v in tiers.items()} == want
+                    return tiers, loads
+                time.sleep(0.05)
+
+        tiers, loads = settled({"a": "disk", "b": "cpu"})  # loading b pushed a out of the host slot
+        for name in ("a", "b"):
+            cfg = load_config(adapters / name)
+            top = max(max(map(max, r)) for r in cfg.ranks.values())
+            assert tiers[name]["total_rank"] == str(cfg.total_ranks()) and tiers[name]["max_rank"] == str(top)
+            assert tiers[name]["model_name"] == "tiny"
+        assert loads[("disk_to_cpu", "count")] == 2 and loads[("cpu_to_gpu", "count")] == 0
+        ask("a")  # read again from disk, placed on the device
+        tiers, loads = settled({"a": "gpu", "b": "disk"})
+        assert loads[("disk_to_cpu", "count")] == 3 and loads[("cpu_to_gpu", "count")] == 1
+        ask("b")  # evicts a from the one device slot
+        tiers, loads = settled({"a": "disk", "b": "gpu"})
+        assert loads[("disk_to_cpu", "count")] == 4 and loads[("cpu_to_gpu", "count")] == 2
+        assert 0 < loads[("disk_to_cpu", "sum")] < 60 and 0 < loads[("cpu_to_gpu", "sum")] < 60
+    finally:
+        assert s.stop() == 0, s.tail()

@@ -135,6 +135,9 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
                 if idx in finished:
                     continue
                 text, logprobs = "", None
+                if (idx not in sent_text and req.echo and req.logprobs is not None and o.finish_reason is None
+                        and len(out.prompt_logprobs or ()) < len(p.ids)):
+                    continue  # a prompt is scored in chunks: echo it once all its logprobs are in
                 if idx not in sent_text:  # first chunk of this choice
                     sent_text[idx] = sent_toks[idx] = 0
                     builders[idx] = LogprobsBuilder(state)

@@ -421,3 +421,19 @@ def test_adapter_residency_and_load_time_metrics(tmp_path):
         assert 0 < loads[("disk_to_cpu", "sum")] < 60 and 0 < loads[("cpu_to_gpu", "sum")] < 60
     finally:
         assert s.stop() == 0, s.tail()
+
+
+def test_streamed_echo_logprobs_equal_unstreamed_when_prompts_are_chunked(env):
+    """Prompts submitted together share the step's token budget, so a long prompt is scored
+    over several steps: the streamed echo must wait for all of its prompt logprobs."""
+    c = client(env)
+    prompts = [" ".join(f"w{i}x{j}" for j in range(70)) for i in range(12)]  # ~400 tokens each
+    kw = dict(model="tiny", prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    full = c.completions.create(**kw)
+    want = {ch.index: ch.logprobs.token_logprobs for ch in full.choices}
+    got: dict[int, list] = {}
+    for chunk in c.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            got.setdefault(ch.index, []).extend(ch.logprobs.token_logprobs)
+    assert sum(x is None for x in want[0]) == 1  # only the first prompt token has none
+    assert got == want

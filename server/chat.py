@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from drlora_serve.types import RequestOutput, TokenLogprob
 from server import generation as g
@@ -58,17 +58,17 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     state = get_state(request)
     adapter = state.adapter_for(req.model)
     model = req.model or state.base_name
+    g.check_count(state, 1, req.n)
     ids = render(state, req)
     max_tokens = g.check_prompt(state, ids, req.token_limit(), "messages", "messages")
     k = req.top_logprobs or 0
-    params = g.sampling_params(req, max_tokens, k if req.logprobs else None)
+    params = g.sampling_params(state, req, max_tokens, k if req.logprobs else None)
     rid = g.new_id("chatcmpl")
-    its = await g.start_all([g.run(state, ids, params, rid, adapter)])
-    stream = g.merge(its)
+    group = g.RequestGroup(state)
+    await group.submit_all([(ids, params, rid, adapter)])
     if req.stream:
-        return StreamingResponse(_stream(state, req, rid, model, ids, stream),
-                                 media_type="text/event-stream")
-    outs = await g.collect(request, stream)
+        return g.GroupStreamingResponse(_stream(state, req, rid, model, ids, group.stream()), group)
+    outs = await g.collect(request, group)
     out = outs.get(0)
     choices = []
     for o in (out.outputs if out else []):

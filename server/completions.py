@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from drlora_serve.types import CompletionOutput, RequestOutput, TokenLogprob
 from server import generation as g
@@ -94,6 +94,8 @@ async def create_completion(req: CompletionRequest, request: Request):
     state = get_state(request)
     adapter = state.adapter_for(req.model)
     model = req.model or state.base_name
+    many_prompts = isinstance(req.prompt, list) and not isinstance(req.prompt[0], int)
+    g.check_count(state, len(req.prompt) if many_prompts else 1, req.n)
     prompts = prompts_of(state, req.prompt)
     many = len(prompts) > 1
     params = []
@@ -101,15 +103,13 @@ async def create_completion(req: CompletionRequest, request: Request):
         max_tokens = g.check_prompt(state, p.ids, req.max_tokens, "prompt",
                                     f"prompt {i}" if many else "prompt")
         prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-        params.append(g.sampling_params(req, max_tokens, req.logprobs, prompt_lp))
+        params.append(g.sampling_params(state, req, max_tokens, req.logprobs, prompt_lp))
     rid = g.new_id("cmpl")
-    its = [g.run(state, p.ids, sp, f"{rid}-{i}", adapter) for i, (p, sp) in enumerate(zip(prompts, params))]
-    its = await g.start_all(its)
-    stream = g.merge(its)
+    group = g.RequestGroup(state)
+    await group.submit_all([(p.ids, sp, f"{rid}-{i}", adapter) for i, (p, sp) in enumerate(zip(prompts, params))])
     if req.stream:
-        return StreamingResponse(_stream(state, req, rid, model, prompts, stream),
-                                 media_type="text/event-stream")
-    outs = await g.collect(request, stream)
+        return g.GroupStreamingResponse(_stream(state, req, rid, model, prompts, group.stream()), group)
+    outs = await g.collect(request, group)
     choices = [_choice(state, req, prompts[i], out, o, i * req.n + o.index)
                for i, out in sorted(outs.items()) for o in out.outputs]
     choices.sort(key=lambda c: c["index"])
@@ -135,6 +135,9 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
                 if idx in finished:
                     continue
                 text, logprobs = "", None
+                if (idx not in sent_text and req.echo and req.logprobs is not None and o.finish_reason is None
+                        and len(out.prompt_logprobs or ()) < len(p.ids)):
+                    continue  # a prompt is scored in chunks: echo it once all its logprobs are in
                 if idx not in sent_text:  # first chunk of this choice
                     sent_text[idx] = sent_toks[idx] = 0
                     builders[idx] = LogprobsBuilder(state)

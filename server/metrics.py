@@ -1,6 +1,8 @@
 """Prometheus metrics under vLLM's names (`vllm:*`), so that dashboards and Kubernetes'
 Gateway API Inference Extension (which routes on `vllm:num_requests_waiting`,
-`vllm:kv_cache_usage_perc` and `vllm:lora_requests_info`) work unchanged.
+`vllm:kv_cache_usage_perc` and `vllm:lora_requests_info`) work unchanged. Metrics vLLM does
+not have (adapter residency and load times) are `drlora:*`, so that they can never collide
+with a later vLLM metric of the same name and another meaning.
 
 Latency histograms are observed by the server per request; gauges and token counters are read
 from `engine.stats()` at scrape time, so they never drift from the engine's own accounting.
@@ -13,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
                                generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from drlora_serve.types import EngineClient
@@ -67,6 +69,26 @@ class EngineCollector(Collector):
         info.add_metric([",".join(sorted(set(s.running_adapters))),
                          ",".join(sorted(set(s.waiting_adapters))), str(s.max_loras)], time.time())
         yield info
+        # drlora's own: one sample (value 1) per loaded adapter, where it is and how big
+        loaded = GaugeMetricFamily(
+            "drlora:loaded_lora_adapters", "Loaded LoRA adapters (value 1 each): tier gpu = in the "
+            "device pool, cpu = in host memory, disk = read again when needed; total_rank = sum of "
+            "its ranks, max_rank = its largest per-projection rank.",
+            labels=["model_name", "lora_name", "tier", "total_rank", "max_rank"])
+        for a in engine.list_adapters():
+            loaded.add_metric([engine.model_name, a.name, a.tier, str(a.total_rank), str(a.max_rank)], 1)
+        yield loaded
+        load = HistogramMetricFamily(
+            "drlora:lora_load_seconds", "Adapter load times by stage: disk_to_cpu (read and "
+            "validate), cpu_to_gpu (place into the device pool).", labels=["model_name", "stage"])
+        for stage, h in sorted(s.adapter_load_seconds.items()):
+            cumulative, total = [], 0
+            for bound, c in zip(h.buckets, h.counts):
+                total += c
+                cumulative.append((repr(float(bound)), total))
+            cumulative.append(("+Inf", h.count))
+            load.add_metric([engine.model_name, stage], cumulative, sum_value=h.sum)
+        yield load
 
 
 class ServerMetrics:

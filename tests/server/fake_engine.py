@@ -32,6 +32,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.started = self.stopped = False
         self.fail_next = False  # the next generate raises RuntimeError mid-way
+        self.fail_list = False  # list_adapters raises RuntimeError (an unexpected failure)
         self.stats_ = EngineStats(max_loras=4)
 
     async def start(self) -> None:
@@ -43,12 +44,16 @@ class FakeEngine:
     def _token(self, prompt, seed, adapter, i, j) -> int:
         return 5 + _h(tuple(prompt), seed, adapter, i, j) % (len(self.tokenizer) - 5)
 
-    async def generate(self, prompt_token_ids, params: SamplingParams, request_id, adapter=None):
+    def generate(self, prompt_token_ids, params: SamplingParams, request_id, adapter=None):
+        """Validates up front (as the EngineClient protocol says), then streams."""
         params.validate()
         if adapter is not None and adapter not in self.adapters:
             raise AdapterNotFoundError(f"adapter {adapter} not found")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError("too long")
+        return self._generate(prompt_token_ids, params, request_id, adapter)
+
+    async def _generate(self, prompt_token_ids, params: SamplingParams, request_id, adapter):
         fail, self.fail_next = self.fail_next, False
         self.running.add(request_id)
         lp = lambda t: TokenLogprob(t, -1.0 - (t % 7) / 10, {t: -1.0 - (t % 7) / 10, 1: -2.5})  # noqa: E731
@@ -99,6 +104,8 @@ class FakeEngine:
         pass
 
     def list_adapters(self) -> list[AdapterInfo]:
+        if self.fail_list:
+            raise RuntimeError("adapter list unavailable")
         return list(self.adapters.values())
 
     async def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:

@@ -161,14 +161,18 @@ class EngineClient(Protocol):
     model_name: str  # the base model's served name
     max_model_len: int
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
+    # set by the server: called with (times to first token, [(seconds per token, tokens)]) as
+    # tokens arrive, for the latency histograms
+    token_timing: Any
 
     async def start(self) -> None: ...
     async def shutdown(self, graceful: bool = True) -> None: ...
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                  adapter: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Cumulative snapshots until finished. Closing the iterator early aborts the request
-        and frees its KV blocks. Raises AdapterNotFoundError / InvalidRequestError up front."""
+        """RequestOutputs of params.output_kind (cumulative snapshots, deltas, or the final
+        result) until finished. Closing the iterator early aborts the request and frees its KV
+        blocks. Raises AdapterNotFoundError / InvalidRequestError up front."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

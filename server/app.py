@@ -44,6 +44,7 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
             engine = await engine
         await engine.start()
         metrics.model_name = engine.model_name
+        engine.token_timing = metrics.observe_tokens
         state = ServerState(engine=engine, config=config, metrics=metrics)
         holder["state"] = app.state.drlora = state
         if config.adapters_dir:

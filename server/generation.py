@@ -18,8 +18,18 @@ from server.errors import APIError, bad_request, from_exception
 from server.state import ServerState
 
 
+# text longer than this is tokenized in a worker thread (the tokenizer releases the GIL): a
+# 10 MB prompt takes seconds, during which the event loop must keep answering everyone else
+OFF_LOOP_CHARS = 4096
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def off_loop(fn, size: int):
+    """fn() inline when the work is small (`size` characters), else in a worker thread."""
+    return fn() if size < OFF_LOOP_CHARS else await asyncio.to_thread(fn)
 
 
 def check_count(state: ServerState, num_prompts: int, n: int) -> None:
@@ -39,16 +49,16 @@ def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, par
     (None: whatever room the context has left)."""
     if not ids:
         raise bad_request(f"The {where} is empty", param)
-    vocab = len(state.engine.tokenizer)
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise bad_request(f"Token id {bad} is out of vocabulary (size {vocab})", param)
     limit = state.engine.max_model_len
     if len(ids) >= limit and not (max_tokens == 0 and len(ids) <= limit):
         raise bad_request(
             f"This model's maximum context length is {limit} tokens. However, your {where} "
             f"has {len(ids)} tokens, which leaves no room for generation. Please reduce the "
             f"length of the {where}.", param)
+    vocab = len(state.engine.tokenizer)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(f"Token id {bad} is out of vocabulary (size {vocab})", param)
     if max_tokens is None:
         return limit - len(ids)
     if len(ids) + max_tokens > limit:
@@ -60,7 +70,8 @@ def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, par
 
 
 def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, output_kind: str = "final") -> SamplingParams:
+    """output_kind: "delta" for streamed responses, "final" otherwise (see RequestOutput)."""
     vocab = len(state.engine.tokenizer)
     bad = next((t for t in req.stop_token_ids or [] if t >= vocab), None)
     if bad is not None:
@@ -79,6 +90,7 @@ def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | No
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         n=req.n,
+        output_kind=output_kind,
     )
     try:
         params.validate()
@@ -107,27 +119,20 @@ class Submitted:
         except Exception as exc:
             raise from_exception(exc) from None
         self.finished = self.closed = False
-        self.t0 = self.last = time.monotonic()
-        self.ntok = 0
+        self.t0 = time.monotonic()
+        self.reason: str | None = None  # the first sequence's finish reason, once seen
         state.metrics.request_started(adapter)
 
     def __aiter__(self) -> Submitted:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        out = await self._gen.__anext__()
-        m, now = self.state.metrics, time.monotonic()
-        k = max((len(o.token_ids) for o in out.outputs), default=0)
-        if k > self.ntok:
-            if self.ntok == 0:
-                m.first_token(now - self.t0)
-            else:
-                m.inter_token((now - self.last) / (k - self.ntok), k - self.ntok)
-            self.last, self.ntok = now, k
+        out = await self._gen.__anext__()  # (time to first token, inter-token: engine.token_timing)
+        if self.reason is None:
+            self.reason = next((o.finish_reason for o in out.outputs if o.index == 0 and o.finish_reason), None)
         if out.finished and not self.finished:
             self.finished = True
-            reason = out.outputs[0].finish_reason if out.outputs else "stop"
-            m.request_finished(now - self.t0, reason or "stop")
+            self.state.metrics.request_finished(time.monotonic() - self.t0, self.reason or "stop")
         return out
 
     async def aclose(self) -> None:

@@ -33,3 +33,7 @@ class EngineArgs:
     model_class: str | None = None  # `module:Class` instead of the registry's class for the model_type
     async_scheduling: bool = True  # schedule step N+1 while step N runs (one step of lookahead)
     stats_interval: float = 0.05  # seconds between the engine core's stats messages
+    # torch threads of the engine core process on CPU (None: every core but one, which the
+    # API server process needs; intra-op threads fighting it for a core cost far more than
+    # they give on small steps)
+    cpu_threads: int | None = None

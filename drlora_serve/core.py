@@ -16,6 +16,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from drlora.models import resolve_model, weights_fingerprint
 
 from drlora_serve.adapter_pool import AdapterPool
@@ -34,6 +36,8 @@ class EngineCore:
     def __init__(self, args: EngineArgs, model_dir: Path | None = None, runner: ModelRunner | None = None,
                  eos_token_id: int | None = None):
         self.args = args
+        if args.cpu_threads:
+            torch.set_num_threads(args.cpu_threads)
         self.model_dir = Path(model_dir) if model_dir is not None else resolve_model(args.model)
         self.model_name = args.served_model_name or args.model
         self.runner = runner or ModelRunner(args, self.model_dir)

@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 import zmq
 
 from drlora_serve.config import EngineArgs
@@ -45,6 +46,8 @@ def run_engine_core(args: EngineArgs, model_dir: str, eos_token_id: int | None, 
                     log_level: str = "INFO") -> None:
     """Process entry point (multiprocessing, spawn)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.connect(in_addr)

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--enforce-eager", action="store_true")
     a("--load-format", default="auto", choices=["auto", "dummy"],
       help="dummy: random weights of the config's shape, no checkpoint needed (benchmarks)")
+    a("--cpu-threads", type=_positive(int), default=None,
+      help="torch threads of the engine core on CPU (default: every core but one)")
     a("--model-class", default=None, metavar="MODULE:CLASS",
       help="serving model class to use instead of the one registered for the config's model_type "
       "(out-of-tree models; benchmarks/host_overhead.py's stub model)")
@@ -164,7 +166,7 @@ def _configure(parser, args):
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         seed=args.seed, load_format=args.load_format, model_class=args.model_class,
-        async_scheduling=args.async_scheduling)
+        async_scheduling=args.async_scheduling, cpu_threads=args.cpu_threads)
     from server.state import ServerConfig
 
     config = ServerConfig(

@@ -313,12 +313,12 @@ async def http_round(port: int, concurrency: int, requests_per_client: int, voca
     return sum(counts), time.perf_counter() - t0
 
 
-def start_server(device_ms: float, log: Path) -> tuple[subprocess.Popen, int]:
+def start_server(device_ms: float, log: Path, extra: list[str] = ()) -> tuple[subprocess.Popen, int]:
     port = free_port()
     blocks = 256 * -(-(PROMPT_LEN + OUTPUT_LEN) // 16) + 64
     cmd = [sys.executable, "-m", "server.cli", "--model", "tiny", "--port", str(port), "--load-format", "dummy",
            "--model-class", "benchmarks.host_overhead:StubModel", "--max-num-seqs", "256",
-           "--num-kv-blocks", str(blocks), "--log-level", "warning"]
+           "--num-kv-blocks", str(blocks), "--log-level", "warning", *extra]
     env = {**os.environ, "DRLORA_STUB_DEVICE_MS": str(device_ms),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
@@ -361,26 +361,37 @@ def run_http(concurrencies: list[int], device_ms: float, vocab: int, log: Path) 
     return rows
 
 
-async def _responsiveness(port: int, mb: float) -> dict:
-    big = {"model": "tiny", "prompt": "dave:26 frank:56. " * int(mb * (1 << 20) / 18), "max_tokens": 1}
-    task = asyncio.create_task(http_request(port, "/v1/completions", big))
-    await asyncio.sleep(0.2)  # let the big body arrive and its tokenization start
+async def _probe_while(port: int, body: dict) -> dict:
+    """Latencies of /health and of a short completion, probed back to back while `body` is served."""
+    task = asyncio.create_task(http_request(port, "/v1/completions", body))
+    await asyncio.sleep(0.05)  # let the big body arrive
     health, short = [], []
+    t0 = time.perf_counter()
     while not task.done():
-        t0 = time.perf_counter()
+        t = time.perf_counter()
         await http_request(port, "/health", None)
-        health.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        health.append(time.perf_counter() - t)
+        t = time.perf_counter()
         await http_request(port, "/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 4,
                                                      "temperature": 0})
-        short.append(time.perf_counter() - t0)
+        short.append(time.perf_counter() - t)
     status, _ = await task
-    return {"prompt_mb": mb, "big_status": status, "probes": len(health),
+    return {"status": status, "seconds": time.perf_counter() - t0, "probes": len(health),
             "health_max_ms": 1000 * max(health, default=0), "short_completion_max_ms": 1000 * max(short, default=0)}
 
 
+async def _responsiveness(port: int, mb: float) -> dict:
+    text = "dave:26 frank:56. "
+    one = {"model": "tiny", "prompt": text * int(mb * (1 << 20) / len(text)), "max_tokens": 1}
+    # the same megabytes as many prompts that each fit the context: all really tokenized (and run)
+    part = text * 40  # 720 characters, about 360 tokens: fits the 512-token context
+    many = {"model": "tiny", "prompt": [part] * int(mb * (1 << 20) / len(part)), "max_tokens": 1}
+    return {"prompt_mb": mb, "one_prompt": await _probe_while(port, one),
+            "many_prompts": {"count": len(many["prompt"]), **await _probe_while(port, many)}}
+
+
 def run_responsiveness(mb: float, log: Path) -> dict:
-    proc, port = start_server(0.0, log)
+    proc, port = start_server(0.0, log, ["--max-prompts-per-request", "100000"])
     try:
         return asyncio.run(_responsiveness(port, mb))
     finally:
@@ -421,8 +432,11 @@ def main(argv=None) -> int:
                 print(f"http  clients {row['concurrency']:>4} device {d:>4} ms: {row['tok_s']:>9.0f} tok/s", flush=True)
     if args.big_prompt_mb > 0:
         res["responsiveness"] = r = run_responsiveness(args.big_prompt_mb, log)
-        print(f"while a {r['prompt_mb']:g} MB prompt is processed: /health max {r['health_max_ms']:.0f} ms, "
-              f"short completion max {r['short_completion_max_ms']:.0f} ms ({r['probes']} probes)", flush=True)
+        for k, what in (("one_prompt", "one prompt"), ("many_prompts", f"{r['many_prompts']['count']} prompts")):
+            x = r[k]
+            print(f"while {r['prompt_mb']:g} MB as {what} is served ({x['seconds']:.1f} s, HTTP {x['status']}): "
+                  f"/health max {x['health_max_ms']:.0f} ms, short completion max "
+                  f"{x['short_completion_max_ms']:.0f} ms ({x['probes']} probes)", flush=True)
     res["meta"] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
                    "torch": torch.__version__, "transformers": transformers.__version__,
                    "cpu_count": os.cpu_count(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),

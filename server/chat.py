@@ -26,6 +26,7 @@ async def render(state: ServerState, req: ChatCompletionRequest) -> list[int]:
         raise bad_request("This model has no chat template; use /v1/completions", "messages")
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in req.messages]
+    g.check_text(state, sum(len(m["content"]) for m in messages), "messages", "messages")
 
     def work() -> list[int]:
         try:

@@ -25,18 +25,28 @@ class Prompt:
     text: str | None  # None: given as token ids, decoded only if echo needs it
 
 
-async def prompts_of(state: ServerState, prompt) -> list[Prompt]:
-    """Token ids of the request's prompts; text is tokenized in a worker thread when long."""
+async def prompts_of(state: ServerState, prompt, max_tokens: int | None) -> list[tuple[Prompt, int]]:
+    """Each prompt's token ids and resolved max_tokens, checked one by one as they are
+    tokenized, so that a request is refused at its first bad prompt without tokenizing the
+    rest. Long text is tokenized in a worker thread (the tokenizer releases the GIL)."""
     tok = state.engine.tokenizer
-    if isinstance(prompt, str):
-        return [Prompt(await g.off_loop(lambda: tok.encode(prompt), len(prompt)), prompt)]
-    if prompt and isinstance(prompt[0], str):
-        texts = list(prompt)
-        ids = await g.off_loop(lambda: tok(texts)["input_ids"], sum(map(len, texts)))
-        return [Prompt(list(i), t) for i, t in zip(ids, texts)]
-    if prompt and isinstance(prompt[0], int):
-        return [Prompt(list(prompt), None)]
-    return [Prompt(list(p), None) for p in prompt]
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    many = len(prompt) > 1
+
+    def work() -> list[tuple[Prompt, int]]:
+        out = []
+        for i, p in enumerate(prompt):
+            where = f"prompt {i}" if many else "prompt"
+            if isinstance(p, str):
+                g.check_text(state, len(p), "prompt", where)
+                ids, text = tok.encode(p), p
+            else:
+                ids, text = list(p), None
+            out.append((Prompt(ids, text), g.check_prompt(state, ids, max_tokens, "prompt", where)))
+        return out
+
+    return await g.off_loop(work, sum(len(p) for p in prompt))  # characters or token ids
 
 
 class LogprobsBuilder:
@@ -99,15 +109,11 @@ async def create_completion(req: CompletionRequest, request: Request):
     model = req.model or state.base_name
     many_prompts = isinstance(req.prompt, list) and not isinstance(req.prompt[0], int)
     g.check_count(state, len(req.prompt) if many_prompts else 1, req.n)
-    prompts = await prompts_of(state, req.prompt)
-    many = len(prompts) > 1
-    params = []
-    for i, p in enumerate(prompts):
-        max_tokens = g.check_prompt(state, p.ids, req.max_tokens, "prompt",
-                                    f"prompt {i}" if many else "prompt")
-        prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-        params.append(g.sampling_params(state, req, max_tokens, req.logprobs, prompt_lp,
-                                        output_kind="delta" if req.stream else "final"))
+    checked = await prompts_of(state, req.prompt, req.max_tokens)
+    prompts = [p for p, _ in checked]
+    prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
+    params = [g.sampling_params(state, req, max_tokens, req.logprobs, prompt_lp,
+                                output_kind="delta" if req.stream else "final") for _, max_tokens in checked]
     rid = g.new_id("cmpl")
     group = g.RequestGroup(state)
     await group.submit_all([(p.ids, sp, f"{rid}-{i}", adapter) for i, (p, sp) in enumerate(zip(prompts, params))])

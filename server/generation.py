@@ -43,6 +43,16 @@ def check_count(state: ServerState, num_prompts: int, n: int) -> None:
             "Split it into several requests.", "prompt" if num_prompts > 1 else "n")
 
 
+def check_text(state: ServerState, chars: int, param: str = "prompt", where: str = "prompt") -> None:
+    """Refuse text that cannot fit the context before tokenizing it (see max_prompt_chars)."""
+    if chars > state.max_prompt_chars:
+        limit = state.engine.max_model_len
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, your {where} has "
+            f"{chars} characters, far more than {limit} tokens can hold. Please reduce the length "
+            f"of the {where}.", param)
+
+
 def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, param: str = "prompt",
                  where: str = "prompt") -> int:
     """Refuse empty / out-of-vocabulary / too long prompts; return the resolved max_tokens

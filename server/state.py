@@ -43,6 +43,7 @@ class ServerState:
     watcher: AdapterWatcher | None = None
     ready: bool = False
     _token_text: dict[int, str] = field(default_factory=dict)
+    _max_token_chars: int = 0
 
     @property
     def base_name(self) -> str:
@@ -50,6 +51,17 @@ class ServerState:
 
     def is_base(self, name: str | None) -> bool:
         return name is None or name == "" or name == self.base_name or name in self.config.base_aliases
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Text longer than this cannot fit the context whatever it says, so it is refused
+        without tokenizing it (a 10 MB prompt would take the tokenizer many seconds). Each token
+        covers at most `max_token_chars` characters of its text, so a text of c characters has
+        at least c / max_token_chars tokens; a factor 4 covers what normalizers may merge."""
+        if not self._max_token_chars:
+            vocab = self.engine.tokenizer.get_vocab()
+            self._max_token_chars = max((len(t) for t in vocab), default=1)
+        return 4 * self.engine.max_model_len * self._max_token_chars
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (cached: logprobs ask for it per token)."""

@@ -39,7 +39,7 @@ def load_tokenizer(model_dir: Path):
 class LLMEngine:
     def __init__(self, args: EngineArgs, model_dir: Path | None = None, runner: ModelRunner | None = None, tokenizer=None):
         self.args = args
-        self.model_dir = model_dir or resolve_model(args.model)
+        self.model_dir = model_dir or resolve_model(args.model, dummy=args.load_format == "dummy")
         self.model_name = args.served_model_name or args.model
         self.runner = runner or ModelRunner(args, self.model_dir)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)

@@ -32,7 +32,8 @@ def train_parser() -> Parser:
     d = TrainConfig(data="", output="")
     p = Parser(prog=PROG, description="Train a DR-LoRA (or uniform / static) MoE expert LoRA adapter.")
     a = p.add_argument
-    a("--model", default=d.model, help="tiny, an alias (olmoe), a local HF folder or a hub id")
+    a("--model", default=d.model, help="tiny, tiny-qwen3-moe, tiny-qwen2-moe, tiny-mixtral, an alias (olmoe, "
+      "qwen3-moe, qwen2-moe, mixtral), a local HF folder or a hub id")
     a("--data", required=True, help="JSONL: prompt+completion, messages or text records")
     a("--output", required=True, help="adapter folder to write")
     a("--method", default=d.method, choices=["drlora", "lora", "static"])

@@ -13,7 +13,8 @@ An adapter is a folder with two files:
   `layers.{l}.shared_expert.{gate,up,down}.lora_A` / `.lora_B` (projections `shared_gate`,
   `shared_up`, `shared_down`). A trained router: `layers.{l}.router.weight` (E, H), which
   replaces the base router of that layer. Layers without experts (Qwen MoE dense-MLP layers,
-  `base_shape.dense_layers`) carry rank 0 for every expert, no shared LoRA and no router.
+  `base_shape.dense_layers`) have rank 0 for every expert and no expert, shared or router
+  tensors (attention LoRA is allowed on every layer).
 
 The delta of expert e on projection p is `scaling * B_e @ A_e`. File names differ from
 PEFT's (`adapter_config.json`) on purpose so that PEFT and vLLM never mistake ours for theirs.
@@ -136,9 +137,13 @@ class Adapter:
     path: Path | None = None
 
     def expert_lora(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Packed (A (R, in), B (out, R), ranks per expert) of one layer and projection."""
-        return (self.tensors[key(layer, proj, "lora_A")], self.tensors[key(layer, proj, "lora_B")],
-                self.config.ranks[proj][layer])
+        """Packed (A (R, in), B (out, R), ranks per expert) of one layer and projection (empty
+        on a dense-MLP layer, which stores no expert tensors)."""
+        ranks = self.config.ranks[proj][layer]
+        if not self.config.base_shape.is_sparse(layer):
+            i, o = self.config.base_shape.proj_dims(proj)
+            return torch.zeros(0, i), torch.zeros(o, 0), ranks
+        return self.tensors[key(layer, proj, "lora_A")], self.tensors[key(layer, proj, "lora_B")], ranks
 
     def expert_delta(self, layer: int, proj: str) -> torch.Tensor:
         """Dense (E, out, in) delta `scaling * B_e @ A_e` for every expert (for tests/merging)."""
@@ -152,6 +157,9 @@ class Adapter:
         return out * self.config.scaling
 
     def dense_lora(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if proj in SHARED_PROJS and not self.config.base_shape.is_sparse(layer):
+            i, o = self.config.base_shape.proj_dims(proj)
+            return torch.zeros(0, i), torch.zeros(o, 0)
         return self.tensors[key(layer, proj, "lora_A")], self.tensors[key(layer, proj, "lora_B")]
 
     def router_weight(self, layer: int) -> torch.Tensor | None:
@@ -175,12 +183,16 @@ def expected_shapes(cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
     for p, per_layer in cfg.ranks.items():
         i, o = s.proj_dims(p)
         for l, ranks in enumerate(per_layer):
+            if not s.is_sparse(l):
+                continue  # a dense-MLP layer: no expert tensors at all
             R = sum(ranks)
             shapes[key(l, p, "lora_A")] = (R, i)
             shapes[key(l, p, "lora_B")] = (o, R)
     for p, ranks in cfg.dense_ranks.items():
         i, o = s.proj_dims(p)
         for l, r in enumerate(ranks):
+            if p in SHARED_PROJS and not s.is_sparse(l):
+                continue  # no shared expert on a dense-MLP layer
             shapes[key(l, p, "lora_A")] = (r, i)
             shapes[key(l, p, "lora_B")] = (o, r)
     if cfg.train_router:

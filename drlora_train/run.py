@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from drlora.families import UnsupportedModelError, get_family
 from drlora.models import MoeShape, resolve_model, weights_fingerprint
 from drlora_train import checkpoint as ckpt
 from drlora_train import distributed as dd
@@ -19,7 +20,7 @@ from drlora_train.lora import LoraSpec, all_ranks, attach_lora
 from drlora_train.report import JsonlLog, LOG_NAME, build_config, push, write_outputs
 from drlora_train.saliency import SaliencyState
 from drlora_train.trainer import (Run, checkpoint_state, describe, final_tensors, growth_event,
-                                  init_ranks, make_optimizer, plan, restore, train_step)
+                                  init_ranks, make_optimizer, plan, ranks_table, restore, train_step)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,6 +71,10 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output)
     mpath = resolve_model(cfg.model)
     shape = MoeShape.from_model_dir(mpath)
+    try:
+        get_family(shape.model_type)
+    except UnsupportedModelError as exc:
+        raise ConfigError(f"--model {cfg.model}: {exc}") from None
     tok = load_tokenizer(mpath)
     train_ex, eval_ex = load_data(cfg.data, tok, cfg.max_length, cfg.eval_fraction, cfg.seed, cfg.eval_data)
     model = load_model(mpath, cfg, device)
@@ -128,11 +133,11 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()
     secs = time.perf_counter() - t0
     if cfg.method != "drlora" or run.history[-1]["step"] != run.step:
-        run.history.append({"step": run.step, "grown": 0, "ranks": all_ranks(layers).tolist()})
+        run.history.append({"step": run.step, "grown": 0, "ranks": ranks_table(run).tolist()})
     metrics = evaluate(model, tok, eval_ex, EvalConfig(cfg.eval_max_examples, cfg.eval_max_new_tokens),
                        device)
     summary = {"output": str(out), "steps": run.step, "train_seconds": round(secs, 2),
-               "ranks": all_ranks(layers).tolist(), "eval": metrics}
+               "ranks": ranks_table(run).tolist(), "eval": metrics}
     if d.main:
         prov = {"trainer": "drlora_train", "method": cfg.method, "r_init": cfg.r_init,
                 "r_target": cfg.r_target, "r_max": cfg.r_max, "steps": run.step, "seed": cfg.seed,
@@ -143,7 +148,7 @@ def train(cfg: TrainConfig) -> dict:
                            "beta": cfg.beta, "events": list(sched.events),
                            "frequency": cfg.frequency, "importance": cfg.importance}}
         base_name = str(mpath) if Path(cfg.model).exists() else cfg.model
-        acfg = build_config(base_name, shape, all_ranks(layers), tuple(cfg.targets), layers[0].scaling,
+        acfg = build_config(base_name, shape, ranks_table(run), tuple(cfg.targets), layers[0].scaling,
                             cfg.train_router, prov)
         write_outputs(out, acfg, final_tensors(run, cfg), run.history)
         log.write({"event": "done", **summary})

@@ -18,7 +18,7 @@ from drlora_train import distributed as dd
 from drlora_train.config import TrainConfig
 from drlora_train.data import IGNORE, collate, global_batch_indices
 from drlora_train.growth import GrowthParams, grow, initial_ranks, plan_schedule
-from drlora_train.lora import (MoeLoraExperts, adapter_tensors, all_ranks, lora_parameters,
+from drlora_train.lora import (MoeLoraExperts, adapter_tensors, all_ranks, full_ranks, lora_parameters,
                                router_parameters)
 from drlora_train.saliency import (SaliencyConfig, SaliencyState, reset_importance, saliency,
                                    step_frequency, update_frequency, update_importance)
@@ -35,6 +35,12 @@ class Run:
     stats: SaliencyState
     step: int = 0
     history: list | None = None
+
+
+def ranks_table(run: Run) -> torch.Tensor:
+    """(L, E) ranks over every layer of the model (0 on dense-MLP layers): what the adapter,
+    the history and the summary report; growth works on the (L', E) layers with experts."""
+    return full_ranks(all_ranks(run.layers), run.layers, len(run.model.model.layers))
 
 
 def route_stats(layers: list[MoeLoraExperts], d: dd.Dist) -> tuple[torch.Tensor, ...]:
@@ -133,7 +139,7 @@ def growth_event(run: Run, cfg: TrainConfig, gp: GrowthParams, n_events: int, la
         m.set_ranks(r)
     reset_importance(run.stats, new > ranks)
     return {"step": run.step, "grown": int((new - ranks).clamp_min(0).sum()),
-            "ranks": new.tolist()}
+            "ranks": ranks_table(run).tolist()}
 
 
 def checkpoint_state(run: Run, cfg: TrainConfig) -> dict:
@@ -180,7 +186,7 @@ def init_ranks(run: Run, cfg: TrainConfig, gp: GrowthParams, examples, pad_id, d
         freq = base_routing_frequency(run.model, run.layers, examples, cfg, pad_id, device, d)
     for m, r in zip(run.layers, initial_ranks(cfg.method, L, E, gp, freq)):
         m.set_ranks(r)
-    run.history = [{"step": 0, "grown": 0, "ranks": all_ranks(run.layers).tolist()}]
+    run.history = [{"step": 0, "grown": 0, "ranks": ranks_table(run).tolist()}]
 
 
 def final_tensors(run: Run, cfg: TrainConfig) -> dict[str, torch.Tensor]:

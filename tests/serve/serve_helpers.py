@@ -34,11 +34,15 @@ def make_adapter(path, shape: MoeShape, seed: int, max_rank: int = 8, dense: boo
     for p, per_layer in ranks.items():
         i, o = shape.proj_dims(p)
         for l, r in enumerate(per_layer):
+            if l in shape.dense_layers:
+                continue
             tensors[f"layers.{l}.experts.{p}.lora_A"] = torch.randn(sum(r), i, generator=g) * std
             tensors[f"layers.{l}.experts.{p}.lora_B"] = torch.randn(o, sum(r), generator=g) * std
     for p, r in dense_ranks.items():
         i, o = shape.proj_dims(p)
         for l in range(L):
+            if p.startswith("shared_") and l in shape.dense_layers:
+                continue
             tensors[key(l, p, "lora_A")] = torch.randn(r[l], i, generator=g) * std
             tensors[key(l, p, "lora_B")] = torch.randn(o, r[l], generator=g) * std
     if router:

@@ -48,6 +48,8 @@ def train_parser() -> Parser:
     g.add_argument("--targets", default=",".join(d.targets), help="comma list of gate,up,down")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * r-max: scale 2)")
     g.add_argument("--train-router", action="store_true", help="train the router after warm-up (paper default; off here)")
+    g.add_argument("--shared-rank", type=int, default=d.shared_rank,
+                   help="Qwen2-MoE: uniform LoRA of this rank on the shared expert's --targets (default 0: none)")
     o = p.add_argument_group("optimisation")
     for name, typ in (("max_steps", int), ("batch_size", int), ("lr", float), ("warmup_ratio", float),
                       ("weight_decay", float), ("max_grad_norm", float), ("max_length", int), ("seed", int)):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from drlora.adapter_format import EXPERT_PROJS
+from drlora.adapter_format import EXPERT_PROJS, key
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,42 @@ class MoeLoraExperts(nn.Module):
         self.route_tokens.zero_()
 
 
+class LoraLinear(nn.Module):
+    """A frozen nn.Linear plus a plain LoRA of fixed rank (Qwen2-MoE's shared expert):
+    y = base(x) + scaling * x @ A.T @ B.T, A (r, in) Kaiming-uniform, B (out, r) zero."""
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, layer_idx: int, proj: str):
+        super().__init__()
+        self.base, self.scaling, self.layer_idx, self.proj = base, scaling, layer_idx, proj
+        base.weight.requires_grad_(False)
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(base.in_features)
+            self.lora_A.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_A.T.to(x.dtype)) @ self.lora_B.T.to(x.dtype) * self.scaling
+
+
+def attach_shared_lora(model: nn.Module, rank: int, targets: tuple[str, ...], scaling: float) -> list[LoraLinear]:
+    """LoRA of `rank` on the shared expert's gate/up/down_proj named in targets, every layer
+    that has one (in place). The expert-rank budget does not count these ranks."""
+    out = []
+    for l, layer in enumerate(model.model.layers):
+        sh = getattr(getattr(layer, "mlp", None), "shared_expert", None)
+        if sh is None:
+            continue
+        for p in targets:
+            mod = LoraLinear(getattr(sh, f"{p}_proj"), rank, scaling, l, f"shared_{p}")
+            setattr(sh, f"{p}_proj", mod)
+            out.append(mod)
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no shared expert (--shared-rank is for Qwen2-MoE)")
+    return out
+
+
 def has_experts(layer: nn.Module) -> bool:
     """The layer has a routed-experts module (a v5 fused one, or one already wrapped)."""
     ex = getattr(getattr(layer, "mlp", None), "experts", None)
@@ -250,9 +286,11 @@ def full_ranks(ranks: torch.Tensor, layers: list[MoeLoraExperts], num_layers: in
 
 @torch.no_grad()
 def adapter_tensors(layers: list[MoeLoraExperts], model: nn.Module | None = None,
-                    train_router: bool = False) -> dict[str, torch.Tensor]:
+                    train_router: bool = False, shared: list[LoraLinear] = ()) -> dict[str, torch.Tensor]:
     """Pack the active ranks into the adapter format's tensors (see drlora.adapter_format)."""
     out: dict[str, torch.Tensor] = {}
+    for m in shared:
+        out[key(m.layer_idx, m.proj, "lora_A")], out[key(m.layer_idx, m.proj, "lora_B")] = m.lora_A, m.lora_B
     for m in layers:
         l, r = m.layer_idx, m.ranks().tolist()
         for p in m.spec.targets:

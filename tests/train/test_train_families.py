@@ -30,10 +30,11 @@ def test_methods_train_and_the_adapter_is_served(model_type, arith_file, tmp_pat
     name = NAMES[model_type]
     shape = MoeShape.from_model_dir(resolve_model(name))
     sparse = shape.sparse_layers
+    shared = 2 if shape.shared_expert_intermediate_size else 0  # Qwen2-MoE: LoRA on the shared expert too
     for method, steps in (("drlora", 8), ("lora", 3), ("static", 3)):
         s = train(TrainConfig(data=str(arith_file), output=str(tmp_path / method), model=name, method=method,
                               max_steps=steps, targets=("gate", "up", "down") if method == "drlora" else ("up", "down"),
-                              **SMALL))
+                              shared_rank=shared if method == "drlora" else 0, **SMALL))
         ranks = torch.tensor(s["ranks"])  # L, E over every layer
         assert ranks.shape == (shape.num_hidden_layers, shape.num_experts)
         assert ranks[sparse].sum(1).tolist() == [shape.num_experts * 4] * len(sparse), method
@@ -43,6 +44,10 @@ def test_methods_train_and_the_adapter_is_served(model_type, arith_file, tmp_pat
         assert ad.config.expert_ranks("up").tolist() == ranks.tolist()
         if method == "lora":
             assert set(ranks[sparse].flatten().tolist()) == {4}
+        if method == "drlora" and shared:
+            assert ad.config.dense_ranks == {f"shared_{p}": [shared] * shape.num_hidden_layers
+                                             for p in ("gate", "up", "down")}
+            assert ad.tensors["layers.0.shared_expert.down.lora_B"].abs().max() > 0  # trained
     # the DR-LoRA adapter, served: engine logits == transformers' with the adapter merged
     d = resolve_model(name)
     tok = AutoTokenizer.from_pretrained(str(d))
@@ -64,3 +69,21 @@ def test_methods_train_and_the_adapter_is_served(model_type, arith_file, tmp_pat
     for j in range(1, len(ids)):
         assert abs(res.prompt_logprobs[j].logprob - lp[j - 1, ids[j]].item()) < 1e-4
     assert res.outputs[0].token_ids == lp[len(ids) - 1:len(full) - 1].argmax(-1).tolist()
+
+
+def test_shared_expert_lora_resumes_exactly_and_needs_a_shared_expert(arith_file, tmp_path):
+    import shutil
+
+    from drlora_train.config import ConfigError
+
+    cfg = dict(data=str(arith_file), model="tiny-qwen2-moe", max_steps=6, shared_rank=3, targets=("up", "down"),
+               **SMALL)
+    train(TrainConfig(output=str(tmp_path / "full"), checkpoint_every=3, **cfg))
+    shutil.copytree(tmp_path / "full" / "checkpoint", tmp_path / "resumed" / "checkpoint")  # after step 3
+    train(TrainConfig(output=str(tmp_path / "resumed"), resume=True, **cfg))
+    a, b = read_adapter(tmp_path / "full"), read_adapter(tmp_path / "resumed")
+    assert a.config.dense_ranks == {"shared_up": [3] * 3, "shared_down": [3] * 3}
+    for k, v in a.tensors.items():
+        assert torch.allclose(v, b.tensors[k], atol=1e-6, rtol=0), k
+    with pytest.raises(ConfigError, match="no shared expert"):
+        train(TrainConfig(output=str(tmp_path / "x"), **{**cfg, "model": "tiny-mixtral"}))

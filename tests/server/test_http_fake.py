@@ -107,3 +107,22 @@ def test_load_format_and_pool_flags_reach_the_engine():
     r = subprocess.run([sys.executable, "-m", "server.cli", "--load-format", "pickle"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "load-format" in r.stderr
+
+
+def test_dummy_load_format_resolves_an_alias_to_its_preset_without_the_hub(tmp_path):
+    import json
+    import os
+    from pathlib import Path
+
+    from drlora.models import PRESETS
+
+    # a fresh interpreter in the repo root: the checkout's server package, whatever pytest put first
+    code = ("from server.cli import configure; "
+            "e, c = configure(['--model', 'qwen3-moe', '--load-format', 'dummy']); print(c.model_path)")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
+                       env={**os.environ, "DRLORA_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    folder = Path(r.stdout.strip().splitlines()[-1])
+    assert folder.is_relative_to(tmp_path) and (folder / "tokenizer.json").is_file()
+    assert json.loads((folder / "config.json").read_text()) == PRESETS["qwen3-moe"]

@@ -55,7 +55,8 @@ class BlockManager:
 
     def find_cached(self, seq: Sequence) -> list[int]:
         """Leading full blocks of seq already in the cache (at most num_tokens - 1 tokens, so
-        that at least one token is computed and yields logits). No side effects."""
+        that at least one token is computed and yields logits). No side effects. Every token of
+        a sequence being admitted is known (none in flight)."""
         if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return []
         hits, parent = [], None
@@ -121,10 +122,14 @@ class BlockManager:
         seq.num_hashed_blocks = 0
 
     def commit(self, seq: Sequence) -> None:
-        """Register the full, computed blocks of seq for prefix caching."""
+        """Register the full blocks of seq whose KV is written (or being written by a launched
+        step: whoever matches them is scheduled later, so the device orders the two) and whose
+        tokens the host knows (tokens still in flight are not hashable yet)."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        if full <= seq.num_hashed_blocks:
+            return
         parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
         for i in range(seq.num_hashed_blocks, full):
             blk = self.blocks[seq.block_table[i]]

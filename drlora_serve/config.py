@@ -30,3 +30,6 @@ class EngineArgs:
     seed: int = 0
     load_format: str = "auto"  # auto: safetensors from the model folder; dummy: random weights
     # of the config's shape (vLLM's name; benchmarks at real shapes without the checkpoint)
+    model_class: str | None = None  # `module:Class` instead of the registry's class for the model_type
+    async_scheduling: bool = True  # schedule step N+1 while step N runs (one step of lookahead)
+    stats_interval: float = 0.05  # seconds between the engine core's stats messages

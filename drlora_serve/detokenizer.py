@@ -1,54 +1,56 @@
-"""Incremental detokenization and stop checks.
+"""Incremental detokenization (frontend side): the text each new token adds.
 
-Text is decoded over a sliding window of tokens (prefix_offset, read_offset): the delta is
-what decoding the window adds beyond its already emitted part, held back while it ends in an
-incomplete UTF-8 sequence. Stop strings are searched in the tail the delta can complete;
-the stop string and what follows are removed (vLLM's convention). Stop token ids (and eos)
-finish the sequence and contribute no text.
+Fast tokenizers use `tokenizers.decoders.DecodeStream` (one Rust call per token; it holds a
+token back while it ends in an incomplete UTF-8 sequence). Other tokenizers decode a sliding
+window of tokens and emit what decoding the window adds beyond its already emitted part.
+Both give, joined, the text of decoding all the tokens at once (`decode_all`), except for an
+incomplete UTF-8 sequence at the very end, which `decode_all` shows as U+FFFD.
 """
 
 from __future__ import annotations
 
-from drlora_serve.sequence import Sequence
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21
+    DecodeStream = None
 
 
-class Detokenizer:
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+def backend(tokenizer):
+    """The `tokenizers.Tokenizer` behind a transformers tokenizer, or None (slow tokenizer)."""
+    raw = getattr(tokenizer, "_tokenizer", None) or getattr(tokenizer, "backend_tokenizer", None)
+    return raw if raw is not None and hasattr(raw, "decode") and hasattr(raw, "encode") else None
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
-    def append(self, seq: Sequence, flush: bool = False) -> str:
-        """Decode what the latest tokens add to seq.text; returns the delta."""
-        ids = seq.output_token_ids
-        before = self._decode(ids[seq.detok_prefix:seq.detok_read])
-        after = self._decode(ids[seq.detok_prefix:])
-        if len(after) > len(before) and (flush or not after.endswith("\ufffd")):
-            delta = after[len(before):]
-            seq.detok_prefix, seq.detok_read = seq.detok_read, len(ids)
-            seq.text += delta
-            return delta
+def decode_all(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
+    """The text of a whole sequence of tokens (what the incremental path joins up to)."""
+    if not ids:
         return ""
+    raw = backend(tokenizer)
+    if raw is not None:
+        return raw.decode(ids, skip_special_tokens=skip_special_tokens)
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
-    @staticmethod
-    def find_stop(seq: Sequence, delta_len: int) -> bool:
-        """Truncate seq.text at the first stop string the delta completed; True if found."""
-        stops = seq.params.stop
-        if not stops or not delta_len:
-            return False
-        longest = max(len(s) for s in stops)
-        start = max(0, len(seq.text) - delta_len - longest + 1)
-        hits = [(i, s) for s in stops if s and (i := seq.text.find(s, start)) >= 0]
-        if not hits:
-            return False
-        seq.text = seq.text[:min(hits)[0]]
-        return True
 
-    @staticmethod
-    def visible_text(seq: Sequence) -> str:
-        """Text safe to show now: while running, hold back a possible stop-string prefix."""
-        if seq.is_finished or not seq.params.stop:
-            return seq.text
-        hold = max(len(s) for s in seq.params.stop) - 1
-        return seq.text[:len(seq.text) - hold] if hold > 0 else seq.text
+class IncrementalDetokenizer:
+    __slots__ = ("tokenizer", "raw", "stream", "skip", "ids", "prefix", "read")
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.raw = backend(tokenizer)
+        self.skip = skip_special_tokens
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens) \
+            if self.raw is not None and DecodeStream is not None else None
+        self.ids: list[int] = []  # the window path's tokens
+        self.prefix = self.read = 0
+
+    def step(self, token_id: int) -> str:
+        """The text this token adds ('' while it ends in an incomplete character)."""
+        if self.stream is not None:
+            return self.stream.step(self.raw, token_id) or ""
+        self.ids.append(token_id)
+        before = decode_all(self.tokenizer, self.ids[self.prefix:self.read], self.skip)
+        after = decode_all(self.tokenizer, self.ids[self.prefix:], self.skip)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""

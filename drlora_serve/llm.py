@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -20,17 +21,30 @@ class LLM:
             engine_args["lora_modules"] = {**engine_args.get("lora_modules", {}), **{k: str(v) for k, v in adapters.items()}}
         elif adapters is not None:
             engine_args["adapters_dir"] = str(adapters)
-        self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
-        self.tokenizer = self.engine.tokenizer
+        self._attach(LLMEngine(EngineArgs(model=model, **engine_args)))
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """An LLM around an engine built elsewhere (a custom runner, tests, benchmarks)."""
+        llm = cls.__new__(cls)
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
     def generate(self, prompts: str | list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  adapter: str | None | list[str | None] = None) -> list[RequestOutput]:
-        """Run every prompt to completion (continuous batching); outputs in prompt order."""
+        """Run every prompt to completion (continuous batching); outputs in prompt order.
+        Only final outputs are made (no per-step snapshots; text decoded once per sequence
+        unless stop strings need it sooner)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         n = len(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
+        params = [dataclasses.replace(p, output_kind="final") for p in params]
         adapters = adapter if isinstance(adapter, list) else [adapter] * n
         if len(params) != n or len(adapters) != n:
             raise ValueError("sampling_params and adapter lists must have one entry per prompt")

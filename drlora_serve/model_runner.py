@@ -1,9 +1,17 @@
 """Model runner: owns the model, the KV cache and the LoRA pool buffers; turns a scheduled
-batch into flat tensors and a ForwardContext, runs the forward and returns logits.
+batch into flat tensors and a ForwardContext, launches the forward and the sampler, and hands
+back a LaunchedStep whose results are read only when the step is waited on.
 
-Legend: T tokens, B decode sequences, N rows needing logits, V vocab, MAXB blocks per seq.
+Legend: T tokens, B decode sequences, C prefill chunks, N sampled rows, V vocab, K logprobs,
+MAXB blocks per sequence.
 One code path on every device: the kernels dispatch (Triton on CUDA, torch twins on CPU).
-Decode-only steps on CUDA replay CUDA graphs captured per padded batch size (see cuda_graphs.py).
+Decode-only steps on CUDA replay CUDA graphs captured per padded batch size (cuda_graphs.py).
+
+Asynchronous by construction: on CUDA `launch` enqueues the step and returns; the host reads
+the sampled tokens only in `LaunchedStep.wait()`. A decode whose input token is still in
+flight (sampled by the previous step, not yet read by the host) takes it from that step's
+token tensor on the device. Step inputs are built vectorised from persistent host buffers
+(pinned on CUDA, two sets used alternately so a copy still in flight is never overwritten).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from drlora.models import MoeShape
@@ -19,17 +28,72 @@ from drlora_serve.config import EngineArgs
 from drlora_serve.context import ForwardContext, PrefillBatch
 from drlora_serve.kv_cache import CPU_DEFAULT_BLOCKS, KVCache, bytes_per_block, num_blocks_for_memory
 from drlora_serve.lora_buffers import LoraBuffers
-from drlora_serve.models.registry import get_model_class
+from drlora_serve.models.registry import get_model_class, load_model_class
+from drlora_serve.sampler import Sampler, SamplerOutput, SamplingBatch, build_sampling_batch
 from drlora_serve.scheduler import ScheduledBatch
 from drlora_serve.sequence import Sequence
 from drlora_serve.weights import torch_dtype
 
 
 @dataclass
-class StepLogits:
-    sample_seqs: list[Sequence] = field(default_factory=list)
-    sample_logits: torch.Tensor | None = None  # (N, V) fp32, one row per sample_seqs entry
-    prompt_rows: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)  # (seq, first pos, logits)
+class StepResult:
+    """A step's results on the host."""
+
+    tokens: list[int]  # one per sampled row
+    logprob: list[float] | None = None  # the chosen token's, per row
+    top_ids: list[list[int]] | None = None  # (N, K)
+    top_logprobs: list[list[float]] | None = None
+    # per prompt chunk asking prompt logprobs: (seq, first predicted position, logprobs of the
+    # next prompt tokens, top ids, top logprobs)
+    prompt: list[tuple[Sequence, int, list[float], list[list[int]], list[list[float]]]] = field(default_factory=list)
+
+
+@dataclass
+class LaunchedStep:
+    step_id: int
+    sample_seqs: list[Sequence]  # row i of the samples -> its sequence
+    end_seqs: list[Sequence]  # chunks that computed a sequence's last token without sampling
+    chunk_seqs: list[Sequence]  # the other prefill chunks that do not sample
+    sampled: SamplerOutput  # device tensors
+    sample_logits: torch.Tensor | None  # (N, V) fp32 (kept for tests and debugging)
+    prompt_logits: list[tuple[Sequence, int, torch.Tensor]]  # (seq, first position, (m, V) logits)
+    prompt_lp: list[tuple[Sequence, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+    host_tokens: torch.Tensor | None = None  # (N,) copy on the host (pinned on CUDA)
+    host_lp: tuple | None = None
+    event: object | None = None  # completion event (None: already complete)
+
+    def wait(self) -> StepResult:
+        """Block until the step's results are on the host; read them."""
+        if self.event is not None:
+            self.event.synchronize()
+        n = len(self.sample_seqs)
+        res = StepResult(self.host_tokens[:n].tolist() if n else [])
+        if self.host_lp is not None:
+            lp, ti, tv = self.host_lp
+            res.logprob = lp[:n].tolist()
+            if ti is not None:
+                res.top_ids, res.top_logprobs = ti[:n].tolist(), tv[:n].tolist()
+        for seq, start, lp, ti, tv in self.prompt_lp:
+            res.prompt.append((seq, start, lp.tolist(), ti.tolist() if ti is not None else None,
+                               tv.tolist() if tv is not None else None))
+        return res
+
+
+class HostBuffers:
+    """One set of persistent step-input buffers on the host (pinned on CUDA)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool):
+        def buf(*shape, dtype=torch.int64):
+            return torch.zeros(*shape, dtype=dtype, pin_memory=pin)
+
+        self.ids, self.pos, self.slots = buf(max_tokens), buf(max_tokens), buf(max_tokens)
+        self.adapters = buf(max_tokens, dtype=torch.int32)
+        self.gather_dst, self.gather_src = buf(max_seqs), buf(max_seqs)
+        self.sample_rows = buf(max_seqs + max_tokens)
+        self.tables = buf(max_seqs * max_blocks, dtype=torch.int32)  # (B, MAXB) views of its head
+        self.lens = buf(max_seqs, dtype=torch.int32)
+        self.cu = buf(max_seqs + 1, dtype=torch.int32)
+        self.np = {k: v.numpy() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
 
 class ModelRunner:
@@ -39,13 +103,15 @@ class ModelRunner:
         self.device = torch.device(dev)
         self.dtype = torch_dtype(args.dtype, self.device)
         self.config = config if config is not None else json.loads((model_dir / "config.json").read_text())
-        cls = get_model_class(self.config.get("model_type", "olmoe"))
+        cls = load_model_class(args.model_class) if args.model_class else \
+            get_model_class(self.config.get("model_type", "olmoe"))
         if model is None and args.load_format == "dummy":
             model = cls.random(self.config, self.dtype, self.device, seed=args.seed)
         elif model is None and args.load_format != "auto":
             raise ValueError(f"unknown load_format {args.load_format!r} (auto or dummy)")
         self.model = model if model is not None else cls.from_pretrained(model_dir, self.config, self.dtype, self.device)
         self.shape = MoeShape.from_config(self.config)
+        self.vocab_size = self.config["vocab_size"]
         s = self.shape
         moe_rows = args.lora_pool_rank_rows or max(args.max_loras, 1) * s.num_experts * 16
         dense_rows = args.lora_dense_rank_rows or max(args.max_loras, 1) * 64
@@ -63,6 +129,20 @@ class ModelRunner:
         self.model.kv_caches = self.kv.layers
         self.max_model_len = min(args.max_model_len or self.model.max_positions, self.model.max_positions)
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
+        self.sampler = Sampler(self.device, args.seed)
+        # persistent host state: two input buffer sets, a block-table mirror per sequence row
+        pin = self.device.type == "cuda"
+        T, S, MB = args.max_num_batched_tokens + args.max_num_seqs, args.max_num_seqs, self.max_blocks_per_seq
+        self._bufs = [HostBuffers(T, S, MB, pin), HostBuffers(T, S, MB, pin)]
+        self._out_host = [torch.zeros(S + T, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._tables = np.zeros((S, MB), dtype=np.int32)  # row -> block table
+        self._table_len = np.zeros(S, dtype=np.int64)  # entries mirrored per row
+        self._row_slot = np.full(S, -1, dtype=np.int32)  # row -> adapter slot (fixed while running)
+        self._free_rows = list(range(S - 1, -1, -1))
+        self._step_id = 0
+        self._prev: LaunchedStep | None = None
+        self._sampling_key: tuple | None = None
+        self._sampling: SamplingBatch | None = None
         self.graphs = None
         if self.device.type == "cuda" and not args.enforce_eager:
             from drlora_serve.cuda_graphs import DecodeGraphs
@@ -77,71 +157,208 @@ class ModelRunner:
         per_tok = 4 * (V + k * (2 * s.intermediate_size + s.hidden_size)) + 16 * s.hidden_size
         return T * per_tok + (512 << 20)
 
+    # ------------------------------------------------------------------ rows
+    def release(self, seq: Sequence) -> None:
+        """The sequence left the running batch (finished or preempted): free its row."""
+        if seq.row >= 0:
+            self._table_len[seq.row] = 0
+            self._free_rows.append(seq.row)
+            seq.row = -1
+
+    def _row(self, seq: Sequence) -> int:
+        """seq's row, with its block table mirrored into self._tables."""
+        r = seq.row
+        if r < 0:
+            r = seq.row = self._free_rows.pop()
+            v = seq.request.adapter_version
+            self._row_slot[r] = v.slot if v is not None else -1
+        bt = seq.block_table
+        n = self._table_len[r]
+        if len(bt) != n:
+            self._tables[r, n:len(bt)] = bt[n:]
+            self._table_len[r] = len(bt)
+        return r
+
     # ------------------------------------------------------------------ inputs
-    def prepare(self, batch: ScheduledBatch):
-        bs = self.block_size
-        decode = [(s, n) for s, n in batch.chunks if n == 1]
-        prefill = [(s, n) for s, n in batch.chunks if n > 1]
-        ids, pos, slots, adapters = [], [], [], []
-        for s, n in decode + prefill:
-            start = s.num_computed_tokens
-            ids += s.token_ids[start:start + n]
-            p = list(range(start, start + n))
-            pos += p
-            bt = s.block_table
-            slots += [bt[i // bs] * bs + i % bs for i in p]
+    def prepare(self, batch: ScheduledBatch, buf: HostBuffers):
+        """Fill `buf` and build the step's tensors on the device: (input_ids, ctx, sample_rows,
+        gather (dst, src) or None). Token order: decodes, then prefill chunks."""
+        bs, dev = self.block_size, self.device
+        npb = buf.np
+        decodes, prefills = batch.decodes, batch.prefills
+        B = len(decodes)
+        prev = self._prev
+        # decodes: one token each, at position num_computed - 1 (the scheduler advanced it)
+        maxb = 0
+        gather_dst = gather_src = None
+        if B:
+            r = np.array([s.row for s in decodes], dtype=np.int64)
+            pos = np.array([s.num_computed_tokens for s in decodes], dtype=np.int64) - 1
+            stale = np.nonzero((r < 0) | (pos // bs >= self._table_len[r]))[0]  # new rows, new blocks
+            if len(stale):
+                r[stale] = [self._row(decodes[i]) for i in stale.tolist()]
+            npb["pos"][:B] = pos
+            npb["slots"][:B] = self._tables[r, pos // bs] * bs + pos % bs
+            maxb = int(self._table_len[r].max())
+            npb["tables"][:B * maxb] = self._tables[r, :maxb].reshape(-1)
+            npb["lens"][:B] = pos + 1
+            npb["adapters"][:B] = self._row_slot[r]
+            # the input token: known on the host, or still in flight (the previous step sampled it)
+            inflight = pos >= np.array([len(s.token_ids) for s in decodes], dtype=np.int64)
+            if inflight.all():
+                gather_dst = np.arange(B)
+                gather_src = np.array([s.sample_row for s in decodes], dtype=np.int64)
+            else:
+                known = np.nonzero(~inflight)[0].tolist()
+                npb["ids"][known] = [decodes[i].token_ids[p] for i, p in zip(known, pos[known].tolist())]
+                if inflight.any():
+                    gather_dst = np.nonzero(inflight)[0]
+                    gather_src = np.array([decodes[i].sample_row for i in gather_dst.tolist()], dtype=np.int64)
+        adapters = npb["adapters"]
+        gather = []
+        # prefill chunks (host-known tokens; a token still in flight is gathered like a decode's)
+        T = B
+        cu = npb["cu"]
+        cu[0] = B
+        for c, ch in enumerate(prefills):
+            s, start, n = ch.seq, ch.start, ch.num_tokens
+            self._row(s)
+            p = np.arange(start, start + n, dtype=np.int64)
+            toks = s.token_ids[start:start + n]
+            if len(toks) < n:  # the last token is in flight
+                gather.append((T + n - 1, s.sample_row))
+                toks = toks + [-1]
+            npb["ids"][T:T + n] = toks
+            npb["pos"][T:T + n] = p
+            npb["slots"][T:T + n] = self._tables[s.row, p // bs] * bs + p % bs
             v = s.request.adapter_version
-            adapters += [v.slot if v is not None else -1] * n
-        dev = self.device
-        ctx = ForwardContext(positions=torch.tensor(pos, dtype=torch.long, device=dev),
-                             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                             slot_ids=torch.tensor(adapters, dtype=torch.int32, device=dev),
-                             num_decode=len(decode))
-        if decode:
-            maxb = max(len(s.block_table) for s, _ in decode)
-            tables = [s.block_table + [0] * (maxb - len(s.block_table)) for s, _ in decode]
-            ctx.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
-            ctx.context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decode], dtype=torch.int32, device=dev)
-        if prefill:
-            maxb = max(len(s.block_table) for s, _ in prefill)
-            cu = [len(decode)]
-            for _, n in prefill:
-                cu.append(cu[-1] + n)
+            adapters[T:T + n] = v.slot if v is not None else -1
+            T += n
+            cu[c + 1] = T
+        if gather:  # prefill chunks whose last token is in flight (rare)
+            g = np.asarray(gather, dtype=np.int64)
+            gather_dst = g[:, 0] if gather_dst is None else np.concatenate([gather_dst, g[:, 0]])
+            gather_src = g[:, 1] if gather_src is None else np.concatenate([gather_src, g[:, 1]])
+        ng = 0
+        if gather_dst is not None:
+            assert prev is not None, "a token in flight without a previous step"
+            ng = len(gather_dst)
+            npb["gather_dst"][:ng], npb["gather_src"][:ng] = gather_dst, gather_src
+            npb["ids"][gather_dst] = 0  # placeholders, overwritten on the device
+        # rows needing logits: the last token of every sampling chunk
+        sample_rows = list(range(B))
+        for c, ch in enumerate(prefills):
+            if ch.samples:
+                sample_rows.append(int(cu[c + 1]) - 1)
+        npb["sample_rows"][:len(sample_rows)] = sample_rows
+
+        def d(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t[:n].to(dev, non_blocking=True)
+
+        ctx = ForwardContext(positions=d(buf.pos, T), slot_mapping=d(buf.slots, T), slot_ids=d(buf.adapters, T),
+                             num_decode=B)
+        if B:
+            ctx.block_tables = buf.tables[:B * maxb].view(B, maxb).to(dev, non_blocking=True)
+            ctx.context_lens = d(buf.lens, B)
+        if prefills:
+            maxb = max(len(c.seq.block_table) for c in prefills)
+            tables = np.zeros((len(prefills), maxb), dtype=np.int32)
+            for c, ch in enumerate(prefills):
+                tables[c] = self._tables[ch.seq.row, :maxb]
             i32 = dict(dtype=torch.int32, device=dev)
             ctx.prefill = PrefillBatch(
-                cu_q=torch.tensor(cu, **i32),
-                context_lens=torch.tensor([s.num_computed_tokens + n for s, n in prefill], **i32),
-                block_tables=torch.tensor([s.block_table + [0] * (maxb - len(s.block_table)) for s, _ in prefill], **i32),
-                max_q_len=max(n for _, n in prefill))
-        if any(a >= 0 for a in adapters):
+                cu_q=d(buf.cu, len(prefills) + 1),
+                context_lens=torch.tensor([c.start + c.num_tokens for c in prefills], **i32),
+                block_tables=torch.from_numpy(tables).to(dev),
+                max_q_len=max(c.num_tokens for c in prefills))
+        slots = adapters[:T]
+        if (slots >= 0).any():
             ctx.lora = self.lora
-            for slot in sorted({a for a in adapters if a >= 0 and self.lora.has_router[a]}):
-                rows = [i for i, a in enumerate(adapters) if a == slot]
-                ctx.router_groups.append((slot, torch.tensor(rows, dtype=torch.long, device=dev)))
-        return torch.tensor(ids, dtype=torch.long, device=dev), ctx, decode + prefill
+            for slot in np.unique(slots[slots >= 0]).tolist():
+                if self.lora.has_router[slot]:
+                    rows_ = np.nonzero(slots == slot)[0]
+                    ctx.router_groups.append((slot, torch.from_numpy(rows_).to(dev)))
+        input_ids = d(buf.ids, T)
+        gather_t = None
+        if ng:
+            gather_t = (d(buf.gather_dst, ng), d(buf.gather_src, ng))
+        return input_ids, ctx, d(buf.sample_rows, len(sample_rows)), gather_t
 
     # ------------------------------------------------------------------ run
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepLogits:
-        input_ids, ctx, order = self.prepare(batch)
-        sample_rows, prompt_rows, out = [], [], StepLogits()
-        row = 0
-        for s, n in order:
-            start = s.num_computed_tokens
-            if start + n == s.num_tokens:
-                out.sample_seqs.append(s)
-                sample_rows.append(row + n - 1)
-            if s.wants_prompt_logprobs and start < s.num_prompt_tokens - 1:
-                m = min(n, s.num_prompt_tokens - 1 - start)  # rows predicting prompt tokens
-                prompt_rows.append((s, start, row, m))
-            row += n
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Enqueue the step (forward, logits, sampling, copies to the host); return at once."""
+        self._step_id += 1
+        buf = self._bufs[self._step_id % 2]
+        input_ids, ctx, sample_rows, gather = self.prepare(batch, buf)
+        if gather is not None:
+            input_ids[gather[0]] = self._prev.sampled.tokens[gather[1]]
         hidden = None
-        if self.graphs is not None and ctx.num_decode == len(order) and not ctx.router_groups:
+        if self.graphs is not None and not batch.prefills and not ctx.router_groups:
             hidden = self.graphs.run(input_ids, ctx)
         if hidden is None:
             hidden = self.model.forward(input_ids, ctx)
-        if sample_rows:
-            out.sample_logits = self.model.compute_logits(hidden[sample_rows])
-        for s, start, r, m in prompt_rows:
-            out.prompt_rows.append((s, start, self.model.compute_logits(hidden[r:r + m])))
-        return out
+        sample_seqs = list(batch.decodes) + [c.seq for c in batch.prefills if c.samples]
+        end_seqs, chunk_seqs = [], []
+        for c in batch.prefills:
+            if not c.samples:
+                (end_seqs if c.start + c.num_tokens == c.seq.num_tokens else chunk_seqs).append(c.seq)
+        for i, s in enumerate(sample_seqs):
+            s.sample_row = i
+        logits = None
+        if sample_seqs:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            key = tuple(s.key for s in sample_seqs)
+            if key != self._sampling_key:  # decode steps usually repeat the batch
+                self._sampling_key, self._sampling = key, build_sampling_batch(sample_seqs, self.vocab_size, self.device)
+            sampled = self.sampler(logits, self._sampling)
+        else:
+            sampled = SamplerOutput(torch.empty(0, dtype=torch.long, device=self.device))
+        step = LaunchedStep(self._step_id, sample_seqs, end_seqs, chunk_seqs, sampled, logits, [], [])
+        self._prompt_logprobs(batch, hidden, step)
+        n = len(sample_seqs)
+        host = self._out_host[self._step_id % 2]
+        step.host_tokens = host[:n]
+        step.host_tokens.copy_(sampled.tokens, non_blocking=True)
+        if sampled.logprob is not None:
+            step.host_lp = tuple(t.to("cpu", non_blocking=True) if t is not None else None
+                                 for t in (sampled.logprob, sampled.top_ids, sampled.top_logprobs))
+        step.event = self._record_event()
+        self._prev = step
+        return step
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor, step: LaunchedStep) -> None:
+        """Logprobs of the prompt tokens each chunk predicts, for requests that asked."""
+        row = len(batch.decodes)
+        for ch in batch.prefills:
+            s, start, n = ch.seq, ch.start, ch.num_tokens
+            # row start + j predicts position start + j + 1; positions already sent (a chunk
+            # recomputed after preemption) are not sent again
+            first = max(start + 1, s.num_scored_prompt)
+            last = min(start + n, s.num_prompt_tokens - 1)
+            if s.wants_prompt_logprobs and first <= last:
+                r0 = row + first - 1 - start
+                m = last - first + 1
+                logits = self.model.compute_logits(hidden[r0:r0 + m])
+                lp = torch.log_softmax(logits, dim=-1)
+                nxt = torch.tensor(s.token_ids[first:last + 1], dtype=torch.long, device=lp.device)
+                k = s.request.params.prompt_logprobs
+                top = torch.topk(lp, k, dim=-1) if k else None
+                step.prompt_logits.append((s, first - 1, logits))
+                step.prompt_lp.append((s, first, lp.gather(1, nxt[:, None]).squeeze(1).cpu(),
+                                       top.indices.cpu() if top is not None else None,
+                                       top.values.cpu() if top is not None else None))
+                s.num_scored_prompt = last + 1
+            row += n
+
+    def _record_event(self):
+        # a model may supply its own completion events (benchmarks/host_overhead.py emulates an
+        # asynchronous device that way)
+        record = getattr(self.model, "record_event", None)
+        if record is not None:
+            return record()
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()
+            return ev
+        return None

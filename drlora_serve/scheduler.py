@@ -1,13 +1,18 @@
 """Continuous batching: decode and (chunked) prefill under a per-step token budget.
 
 Each step: (1) running sequences first (decodes, then prefill chunks, each in admission
-order), one token for a decode or the next chunk of a prefill; when blocks run out the most recently admitted running sequence is
-preempted (blocks freed, recomputed later: never a failure). (2) If nothing was preempted,
-waiting sequences are admitted: preempted ones first, then round-robin over the adapters'
-waiting queues (base model = one more queue) so that one tenant's burst cannot starve the
-others. Admission needs a free budget, a sequence slot, KV blocks (after prefix-cache hits)
-and the adapter resident in the device pool (an adapter queue is skipped for this step when
-the pool is held by pinned adapters).
+order), one token for a decode or the next chunk of a prefill; when blocks run out the most
+recently admitted running sequence is preempted (blocks freed, recomputed later: never a
+failure). (2) If nothing was preempted, waiting sequences are admitted: preempted ones first,
+then round-robin over the adapters' waiting queues (base model = one more queue) so that one
+tenant's burst cannot starve the others. Admission needs a free budget, a sequence slot, KV
+blocks (after prefix-cache hits) and the adapter resident in the device pool (an adapter
+queue is skipped for this step when the pool is held by pinned adapters).
+
+Scheduling advances the sequences' bookkeeping at once (computed tokens, and one more token
+in flight for every chunk that ends a sequence's known tokens), so the next step can be
+scheduled before this one's sampled tokens are known (asynchronous scheduling). A decode that
+has sampled its last token waits, unscheduled, until the token reaches the host.
 """
 
 from __future__ import annotations
@@ -23,17 +28,31 @@ _PREEMPTED = object()  # marks the preempted queue (the base model's adapter key
 
 
 @dataclass
+class Chunk:
+    seq: Sequence
+    start: int  # first token position computed by this chunk
+    num_tokens: int
+    samples: bool  # the chunk ends the sequence's tokens: this step samples the next one
+
+
+@dataclass
 class ScheduledBatch:
-    chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, tokens this step)
-    num_preempted: int = 0
+    decodes: list[Sequence] = field(default_factory=list)  # one token each, sampling
+    prefills: list[Chunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not self.chunks
+        return not self.decodes and not self.prefills
 
     @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.chunks)
+        return len(self.decodes) + sum(c.num_tokens for c in self.prefills)
+
+    @property
+    def chunks(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens this step) in token order: decodes first."""
+        return [(s, 1) for s in self.decodes] + [(c.seq, c.num_tokens) for c in self.prefills]
 
 
 class Scheduler:
@@ -62,36 +81,73 @@ class Scheduler:
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> ScheduledBatch:
         out = ScheduledBatch()
+        bs = self.blocks.block_size
+        decodes, prefilling = [], []
+        for s in self.running:
+            if s.num_computed_tokens < s.num_tokens - 1:
+                prefilling.append(s)
+            elif s.num_tokens < s.max_tokens_total:  # else: its last token is in flight
+                decodes.append(s)
         budget = self.max_tokens
-        scheduled: set[int] = set()
-        # decodes first (one token each), then prefill chunks, each group in admission order
-        order = [s for s in self.running if not s.in_prefill] + [s for s in self.running if s.in_prefill]
+        # fast path (the steady state): every decode fits in the budget and the free blocks
+        need = [s for s in decodes if s.num_computed_tokens >= len(s.block_table) * bs]
+        if len(decodes) <= budget and len(need) <= self.blocks.num_free_blocks:
+            for s in need:
+                self.blocks.append(s, 1)
+            for s in decodes:
+                s.num_computed_tokens += 1
+                s.num_tokens += 1  # the token this step samples
+            out.decodes = decodes
+            budget -= len(decodes)
+            budget = self._schedule_running(out, prefilling, budget)
+        else:
+            budget = self._schedule_running(out, decodes + prefilling, budget)
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _schedule_running(self, out: ScheduledBatch, order: list[Sequence], budget: int) -> int:
+        """Schedule `order` one by one, preempting the most recently admitted unscheduled
+        running sequences when blocks run out."""
+        scheduled = {id(s) for s in out.decodes}
         for seq in order:
             if budget <= 0:
                 break
-            if seq not in self.running:  # preempted by an earlier sequence of this step
+            if seq.status is not SeqStatus.RUNNING:  # preempted by an earlier sequence of this step
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_append(seq, n):
                 victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
                 self._preempt(victim)
-                out.num_preempted += 1
+                out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
                 self.blocks.append(seq, n)
-                out.chunks.append((seq, n))
+                self._advance(out, seq, n)
                 scheduled.add(id(seq))
                 budget -= n
-        if out.num_preempted == 0:
-            budget = self._admit(out, budget)
-        return out
+        return budget
+
+    def _advance(self, out: ScheduledBatch, seq: Sequence, n: int) -> None:
+        start = seq.num_computed_tokens
+        seq.num_computed_tokens += n
+        samples = seq.num_computed_tokens == seq.num_tokens and seq.num_tokens < seq.max_tokens_total
+        if samples:
+            seq.num_tokens += 1
+        if n == 1 and samples and start == seq.num_tokens - 2 and start >= seq.num_prompt_tokens - 1 \
+                and not seq.wants_prompt_logprobs:
+            out.decodes.append(seq)
+        else:
+            out.prefills.append(Chunk(seq, start, n, samples))
 
     def _admit(self, out: ScheduledBatch, budget: int) -> int:
         blocked: set = set()  # adapter keys whose adapter cannot be placed this step
         while budget > 0 and len(self.running) < self.max_num_seqs:
             if self.preempted:
                 seq, queue_key = self.preempted[0], _PREEMPTED
+                if seq.num_inflight:  # its last sampled token is not known yet
+                    break
             else:
                 keys = [k for k in self.queues if k not in blocked]
                 if not keys:
@@ -104,9 +160,9 @@ class Scheduler:
                     break  # keep preempted work first in line
                 blocked.add(queue_key)
                 continue
-            if not ok:
+            if ok is False:
                 break  # out of KV blocks
-            budget -= out.chunks[-1][1]
+            budget = ok
             if queue_key is _PREEMPTED:
                 self.preempted.popleft()
             else:
@@ -116,7 +172,9 @@ class Scheduler:
                     self.queues[queue_key] = q
         return budget
 
-    def _try_admit(self, seq: Sequence, out: ScheduledBatch, budget: int) -> bool | None:
+    def _try_admit(self, seq: Sequence, out: ScheduledBatch, budget: int) -> int | bool | None:
+        """The budget left after admitting seq; False if out of KV blocks; None if its adapter
+        cannot be placed now."""
         v = seq.request.adapter_version
         if v is not None and self.pool.activate(v) is None:
             return None
@@ -128,8 +186,8 @@ class Scheduler:
             return False
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
-        out.chunks.append((seq, n))
-        return True
+        self._advance(out, seq, n)
+        return budget - n
 
     # ------------------------------------------------------------------ state changes
     def _preempt(self, seq: Sequence) -> None:
@@ -146,10 +204,10 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Finish a sequence wherever it is (running or waiting) and free what it holds."""
-        if seq.status == SeqStatus.RUNNING:
+        if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self._release(seq)
-        elif seq.status == SeqStatus.WAITING:
+        elif seq.status is SeqStatus.WAITING:
             if seq in self.preempted:
                 self.preempted.remove(seq)
             q = self.queues.get(seq.adapter_key)

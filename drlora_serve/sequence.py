@@ -1,17 +1,22 @@
-"""Per-request state: a Request (what the client asked) owns n Sequences (what is generated).
+"""Core-side request state: a Request (what the client asked) owns n Sequences (what is generated).
 
 A Sequence is the unit the scheduler and the block manager see; the n sequences of one
 request share the prompt (and, through prefix caching, its KV blocks once computed).
+Plain bookkeeping, no text: detokenization and stop strings are the frontend's job
+(output_processor.py).
+
+With asynchronous scheduling a step is scheduled before the previous step's sampled tokens
+reach the host, so a sequence can have tokens *in flight*: counted in `num_tokens` (the
+scheduler plans with them), not yet in `token_ids` (their values are still on the device).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 
 import torch
 
-from drlora_serve.types import SamplingParams, TokenLogprob
+from drlora_serve.types import SamplingParams
 
 
 class SeqStatus(enum.Enum):
@@ -21,27 +26,36 @@ class SeqStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request: Request, index: int):
+    __slots__ = ("request", "index", "key", "token_ids", "num_prompt_tokens", "num_tokens", "num_computed_tokens",
+                 "status", "block_table", "num_hashed_blocks", "finish_reason", "generator", "max_tokens_total",
+                 "stop_ids", "sample_row", "row", "num_scored_prompt")
+
+    def __init__(self, request: Request, index: int, max_model_len: int, eos_token_id: int | None):
+        p = request.params
         self.request = request
         self.index = index  # 0..n-1 inside the request
-        self.seq_id = f"{request.request_id}#{index}"
-        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.key = request.key + index  # the frontend's id for this sequence
+        self.token_ids: list[int] = list(request.prompt_token_ids)  # tokens whose values the host knows
         self.num_prompt_tokens = len(self.token_ids)
+        self.num_tokens = self.num_prompt_tokens  # + tokens in flight
+        self.num_computed_tokens = 0  # tokens whose KV is (being) written: advanced when scheduled
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []  # physical block ids (block manager bookkeeping)
-        self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_hashed_blocks = 0  # leading full blocks registered for prefix caching
         self.finish_reason: str | None = None
-        self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs is not None else None
-        self.text = ""  # detokenized output (stop text removed once found)
-        self.detok_prefix = 0  # incremental detokenizer offsets (see detokenizer.py)
-        self.detok_read = 0
-        self.arrival = request.arrival
-        seed = request.params.seed
+        # the sequence ends at this many tokens (max_tokens or the context length, whichever first)
+        self.max_tokens_total = min(self.num_prompt_tokens + p.max_tokens, max_model_len)
+        stop = set(p.stop_token_ids)
+        if eos_token_id is not None and not p.ignore_eos:
+            stop.add(eos_token_id)
+        self.stop_ids = frozenset(stop)
+        self.sample_row = -1  # this sequence's row in the last launched step's samples
+        self.row = -1  # model runner's persistent row (block table mirror), -1: none
+        self.num_scored_prompt = 1  # prompt positions whose logprobs were sent (the first has none)
         self.generator: torch.Generator | None = None
-        if seed is not None:  # one generator per sequence: reproducible whatever the batch
+        if p.seed is not None:  # one generator per sequence: reproducible whatever the batch
             self.generator = torch.Generator(device=request.device)
-            self.generator.manual_seed((seed * 1_000_003 + index) % (1 << 63))
+            self.generator.manual_seed((p.seed * 1_000_003 + index) % (1 << 63))
 
     # ------------------------------------------------------------------ views
     @property
@@ -49,20 +63,20 @@ class Sequence:
         return self.request.params
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+    def num_inflight(self) -> int:
+        return self.num_tokens - len(self.token_ids)
 
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
 
     @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
     def is_finished(self) -> bool:
-        return self.status == SeqStatus.FINISHED
+        return self.status is SeqStatus.FINISHED
 
     @property
     def in_prefill(self) -> bool:
@@ -70,33 +84,37 @@ class Sequence:
         return self.num_computed_tokens < self.num_tokens - 1
 
     @property
+    def done_sampling(self) -> bool:
+        """Every token it may produce has been sampled (some may still be in flight)."""
+        return self.num_tokens >= self.max_tokens_total
+
+    @property
     def adapter_key(self):
         return self.request.adapter_key
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        r = self.request
-        return (self.index == 0 and r.params.prompt_logprobs is not None
-                and len(r.prompt_logprobs) < self.num_prompt_tokens)
+        return (self.index == 0 and self.request.params.prompt_logprobs is not None
+                and self.num_scored_prompt < self.num_prompt_tokens)
 
 
-@dataclass
 class Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    adapter: str | None  # adapter name (None: base model)
-    adapter_version: object | None  # adapter_pool.AdapterVersion pinned for the whole request
-    arrival: float
-    device: str = "cpu"
-    seqs: list[Sequence] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    aborted: bool = False
+    __slots__ = ("request_id", "key", "prompt_token_ids", "params", "adapter", "adapter_version", "arrival", "device",
+                 "seqs", "num_unfinished")
 
-    def __post_init__(self):
-        self.seqs = [Sequence(self, i) for i in range(self.params.n)]
-        if self.params.prompt_logprobs is not None:
-            self.prompt_logprobs = [None]  # the first prompt token has no logprob
+    def __init__(self, request_id: str, key: int, prompt_token_ids: list[int], params: SamplingParams,
+                 adapter: str | None, adapter_version, arrival: float, max_model_len: int,
+                 eos_token_id: int | None, device: str = "cpu"):
+        self.request_id = request_id
+        self.key = key  # sequence i is key + i
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.adapter = adapter  # adapter name (None: base model)
+        self.adapter_version = adapter_version  # adapter_pool.AdapterVersion pinned for the whole request
+        self.arrival = arrival
+        self.device = device
+        self.seqs = [Sequence(self, i, max_model_len, eos_token_id) for i in range(params.n)]
+        self.num_unfinished = params.n
 
     @property
     def adapter_key(self):
@@ -106,4 +124,4 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        return self.num_unfinished == 0

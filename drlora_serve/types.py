@@ -19,6 +19,9 @@ class AdapterNotFoundError(KeyError):
         return str(self.args[0]) if self.args else "adapter not found"
 
 
+OUTPUT_KINDS = ("cumulative", "delta", "final")
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -32,6 +35,10 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (0: the chosen one only)
     prompt_logprobs: int | None = None  # same for prompt tokens (for echo)
     n: int = 1
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
+    # what each RequestOutput holds: "cumulative" (a full snapshot), "delta" (new since the
+    # previous one) or "final" (one output at the end); vLLM's RequestOutputKind
+    output_kind: str = "cumulative"
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -48,6 +55,8 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be between 0 and 20, got {v}")
         if self.n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {self.n}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise InvalidRequestError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:
@@ -72,7 +81,9 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """A snapshot of one request: cumulative outputs (deltas are the server's business)."""
+    """One request's output: a snapshot, a delta or the final result, as its
+    SamplingParams.output_kind asks (CompletionOutput.text / token_ids / logprobs likewise;
+    a delta lists only the sequences with something new, and prompt_logprobs only once)."""
 
     request_id: str
     prompt_token_ids: list[int]

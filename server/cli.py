@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--enforce-eager", action="store_true")
     a("--load-format", default="auto", choices=["auto", "dummy"],
       help="dummy: random weights of the config's shape, no checkpoint needed (benchmarks)")
+    a("--model-class", default=None, metavar="MODULE:CLASS",
+      help="serving model class to use instead of the one registered for the config's model_type "
+      "(out-of-tree models; benchmarks/host_overhead.py's stub model)")
+    a("--no-async-scheduling", dest="async_scheduling", action="store_false",
+      help="wait for each step's tokens before scheduling the next (no overlap of host and device)")
     a("--enable-lora", action="store_true", help="accepted for vLLM compatibility (always on)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--allow-runtime-lora-updating", dest="runtime_updates", action="store_true",
@@ -157,7 +162,8 @@ def _configure(parser, args):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-        seed=args.seed, load_format=args.load_format)
+        seed=args.seed, load_format=args.load_format, model_class=args.model_class,
+        async_scheduling=args.async_scheduling)
     from server.state import ServerConfig
 
     config = ServerConfig(
@@ -181,9 +187,9 @@ def main(argv: list[str] | None = None, engine_factory=None) -> None:
     def make_engine():
         if engine_factory is not None:
             return engine_factory(engine_args)
-        from drlora_serve.async_engine import AsyncLLMEngine
+        from drlora_serve.async_llm import AsyncLLM
 
-        return AsyncLLMEngine.from_args(engine_args)
+        return AsyncLLM.from_args(engine_args, log_level=level)
 
     app = build_app(make_engine, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=level,

@@ -27,3 +27,17 @@ def get_model_class(model_type: str):
 
 def supported_model_types() -> list[str]:
     return sorted(_MODELS)
+
+
+def load_model_class(path: str):
+    """A model class from an import path `module:Class` (out-of-tree models; the host-overhead
+    benchmark's stub). It needs what the registry's classes have: `from_pretrained(dir, config,
+    dtype, device)` and/or `random(config, dtype, device, seed)`, `forward(ids, ctx)`,
+    `compute_logits`, `kv_caches`, `max_positions`."""
+    module, sep, cls = path.partition(":")
+    if not sep or not module or not cls:
+        raise ValueError(f"model class {path!r}: expected module:Class")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"model class {path!r} cannot be imported: {exc}") from None

@@ -51,14 +51,18 @@ def make_adapter(path, shape: MoeShape, seed: int, max_rank: int = 8, dense: boo
     return write_adapter(path, cfg, tensors)
 
 
-def make_engine(tiny_dir, tokenizer, **kw) -> LLMEngine:
+def engine_args(tiny_dir, **kw) -> EngineArgs:
     kw.setdefault("num_kv_blocks", 256)
     kw.setdefault("max_loras", 4)
     kw.setdefault("lora_pool_rank_rows", 1024)
     kw.setdefault("lora_dense_rank_rows", 64)
     kw.setdefault("dtype", "float32")
     kw.setdefault("device", "cpu")
-    return LLMEngine(EngineArgs(model=str(tiny_dir), **kw), model_dir=tiny_dir, tokenizer=tokenizer)
+    return EngineArgs(model=str(tiny_dir), **kw)
+
+
+def make_engine(tiny_dir, tokenizer, **kw) -> LLMEngine:
+    return LLMEngine(engine_args(tiny_dir, **kw), model_dir=tiny_dir, tokenizer=tokenizer)
 
 
 def run_all(engine: LLMEngine, max_steps: int = 10_000) -> dict:

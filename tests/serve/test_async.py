@@ -1,4 +1,5 @@
-"""AsyncLLMEngine (the server's EngineClient) and the offline LLM API."""
+"""AsyncLLM (the server's EngineClient, with the engine core in its own process) and the
+offline LLM API."""
 
 from __future__ import annotations
 
@@ -6,21 +7,21 @@ import asyncio
 
 import pytest
 
-from drlora_serve.async_engine import AsyncLLMEngine
+from drlora_serve.async_llm import AsyncLLM
 from drlora_serve.llm import LLM
 from drlora_serve.types import AdapterNotFoundError, InvalidRequestError, SamplingParams
 
-from serve_helpers import PROMPTS, make_engine
+from serve_helpers import PROMPTS, engine_args
 
 
 def test_async_engine_streams_aborts_and_shuts_down(tiny_dir, tokenizer, adapters_dir):
-    eng = AsyncLLMEngine(make_engine(tiny_dir, tokenizer, adapters_dir=str(adapters_dir)))
-    assert eng.max_model_len == 512 and eng.tokenizer is tokenizer and eng.model_name
+    eng = AsyncLLM(engine_args(tiny_dir, adapters_dir=str(adapters_dir)), tokenizer=tokenizer)
     toks = tokenizer.encode(PROMPTS[0])
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
     async def main():
         await eng.start()
+        assert eng.max_model_len == 512 and eng.tokenizer is tokenizer and eng.model_name
         with pytest.raises(AdapterNotFoundError):
             eng.generate(toks, sp, "e0", adapter="missing")  # raised before streaming
         with pytest.raises(InvalidRequestError):
@@ -38,12 +39,12 @@ def test_async_engine_streams_aborts_and_shuts_down(tiny_dir, tokenizer, adapter
         await gen.aclose()
         assert (await other)[-1].finished
         for _ in range(200):
-            if eng.stats().num_running == 0 and not eng.engine.has_unfinished():
+            s = eng.stats()
+            if s.num_running == 0 and s.num_waiting == 0 and not eng.processor.has_unfinished():
                 break
             await asyncio.sleep(0.02)
-        assert not eng.engine.has_unfinished()
-        b = eng.engine.blocks
-        assert b.num_free_blocks == b.num_blocks
+        assert not eng.processor.has_unfinished()
+        assert eng.stats().kv_cache_usage == 0  # every block free again
         info = await eng.load_adapter("a2", str(adapters_dir / "a"))
         assert info.name == "a2" and "a2" in {a.name for a in eng.list_adapters()}
         with pytest.raises(ValueError):

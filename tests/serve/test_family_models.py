@@ -58,14 +58,14 @@ def test_mixed_batch_matches_transformers(family):
     d, tok, adapters = family
     eng = make_engine(d, tok, adapters_dir=str(adapters), max_num_batched_tokens=48)
     captured = []
-    execute = eng.runner.execute
+    launch = eng.runner.launch
 
     def spy(batch):
-        out = execute(batch)
-        captured.append(out)
-        return out
+        step = launch(batch)
+        captured.append(step)
+        return step
 
-    eng.runner.execute = spy
+    eng.runner.launch = spy
     names = [None, "a", "b"]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=1)
     prompts = {}
@@ -77,7 +77,7 @@ def test_mixed_batch_matches_transformers(family):
     prompt_logits = {r: [] for r in prompts}
     gen_logits = {r: [] for r in prompts}
     for step in captured:
-        for seq, start, rows in step.prompt_rows:
+        for seq, start, rows in step.prompt_logits:
             prompt_logits[seq.request.request_id].append((start, rows))
         for j, seq in enumerate(step.sample_seqs):
             gen_logits[seq.request.request_id].append(step.sample_logits[j])

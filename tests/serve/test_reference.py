@@ -44,14 +44,14 @@ def merged_hf_model(tiny_dir, adapter=None):
 def test_mixed_batch_matches_transformers(tiny_dir, tiny_shape, tokenizer, adapters_dir):
     eng = make_engine(tiny_dir, tokenizer, adapters_dir=str(adapters_dir), max_num_batched_tokens=64)
     captured = []
-    execute = eng.runner.execute
+    launch = eng.runner.launch
 
     def spy(batch):
-        out = execute(batch)
-        captured.append(out)
-        return out
+        step = launch(batch)
+        captured.append(step)
+        return step
 
-    eng.runner.execute = spy
+    eng.runner.launch = spy
     names = [None, "a", "b", "c"]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=3, logprobs=3)
     prompts = {}
@@ -64,7 +64,7 @@ def test_mixed_batch_matches_transformers(tiny_dir, tiny_shape, tokenizer, adapt
     prompt_logits = {r: [] for r in prompts}
     gen_logits = {r: [] for r in prompts}
     for step in captured:
-        for seq, start, rows in step.prompt_rows:
+        for seq, start, rows in step.prompt_logits:
             prompt_logits[seq.request.request_id].append((start, rows))
         for j, seq in enumerate(step.sample_seqs):
             gen_logits[seq.request.request_id].append(step.sample_logits[j])

@@ -21,14 +21,6 @@ from drlora.models import MoeShape, resolve_model
 HERE = Path(__file__).parent
 
 
-def has_real_engine() -> bool:
-    try:
-        import drlora_serve.async_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - not there yet / broken: the e2e tests skip
-        return False
-    return True
-
-
 def make_adapter(path: Path, seed: int = 0, max_rank: int = 4) -> Path:
     """An adapter for the tiny model with random per-expert ranks and random non-zero weights."""
     shape = MoeShape.from_model_dir(resolve_model("tiny"))

@@ -14,9 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from drlora_serve.types import SamplingParams
-from tests.server.conftest import ServerProcess, has_real_engine, make_adapter, real_server_cmd
+from tests.server.conftest import ServerProcess, make_adapter, real_server_cmd
 
-pytestmark = pytest.mark.skipif(not has_real_engine(), reason="drlora_serve.async_engine not available")
 KEY = "test-key"
 PROMPTS = ["The cat", "Once upon a time", "hello world"]
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tests.server.conftest import ServerProcess, fake_server_cmd, has_real_engine, make_adapter, real_server_cmd
+from tests.server.conftest import ServerProcess, make_adapter, real_server_cmd
 
 MAX_EXAMPLES = 30
 
@@ -20,10 +20,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     make_adapter(tmp / "adapters" / "a1", seed=1)
     args = ("--adapters", str(tmp / "adapters"), "--max-model-len", "32", "--max-num-seqs", "32")
-    if has_real_engine():
-        s = ServerProcess(real_server_cmd(*args), log=tmp / "log.txt")
-    else:
-        s = ServerProcess(fake_server_cmd(*args), env={"FAKE_MAX_MODEL_LEN": "32"}, log=tmp / "log.txt")
+    s = ServerProcess(real_server_cmd(*args), log=tmp / "log.txt")
     yield s
     assert s.stop() == 0, s.tail()
 

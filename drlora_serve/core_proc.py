@@ -1,0 +1,157 @@
+"""The engine core in its own process: a loop between two ZMQ sockets.
+
+    frontend (API server) --PUSH--> [in]  core process  [out] --PUSH--> frontend
+
+Each turn: take every waiting input (requests, aborts, stop-string finishes, utility calls),
+run one step if there is work, send its deltas. Idle, it blocks on the input socket and sends
+its stats when they change. Stats ride along with the step outputs at most every
+`stats_interval` seconds. It exits when told to, or when its parent process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import zmq
+
+from drlora_serve.config import EngineArgs
+from drlora_serve.core import EngineCore
+from drlora_serve.protocol import (
+    Abort,
+    AddRequest,
+    CoreFailed,
+    FinishSeqs,
+    Ready,
+    RequestFailed,
+    Shutdown,
+    StepOutputs,
+    UtilityCall,
+    UtilityResult,
+    error_fields,
+    input_codec,
+    output_codec,
+)
+
+log = logging.getLogger("drlora_serve.core")
+
+UTILITY_METHODS = {"load_adapter", "unload_adapter", "list_adapters", "compact_adapters", "stats"}
+ADAPTER_METHODS = {"load_adapter", "unload_adapter"}
+
+
+def run_engine_core(args: EngineArgs, model_dir: str, eos_token_id: int | None, in_addr: str, out_addr: str,
+                    log_level: str = "INFO") -> None:
+    """Process entry point (multiprocessing, spawn)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.connect(in_addr)
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.LINGER, 2000)
+    out.connect(out_addr)
+    enc, _ = output_codec()
+    try:
+        core = EngineCore(args, Path(model_dir), eos_token_id=eos_token_id)
+    except BaseException as exc:  # noqa: BLE001 - reported to the frontend, which fails its start
+        log.exception("engine core failed to start")
+        out.send(enc.encode(CoreFailed(f"{type(exc).__name__}: {exc}")))
+        out.close()
+        ctx.term()
+        raise SystemExit(1) from None
+    out.send(enc.encode(Ready(core.info())))
+    try:
+        CoreLoop(core, inp, out, args.stats_interval).run()
+    finally:
+        inp.close(0)
+        out.close()
+        ctx.term()
+
+
+class CoreLoop:
+    def __init__(self, core: EngineCore, inp: zmq.Socket, out: zmq.Socket, stats_interval: float):
+        self.core, self.inp, self.out = core, inp, out
+        self.enc, _ = output_codec()
+        _, self.dec = input_codec()
+        self.stats_interval = stats_interval
+        self.parent = os.getppid()
+        self.stop = False
+        self.stats_dirty = True
+
+    def run(self) -> None:
+        core, poller = self.core, zmq.Poller()
+        poller.register(self.inp, zmq.POLLIN)
+        last_stats = last_parent_check = 0.0
+        while not self.stop:
+            busy = core.has_unfinished()
+            if poller.poll(0 if busy else 1000 * min(self.stats_interval * 4, 0.5)):
+                self._drain()
+            out = None
+            if core.has_unfinished():
+                try:
+                    out = core.step()
+                except Exception as exc:  # noqa: BLE001 - keep serving: fail the requests in flight only
+                    log.exception("engine step failed")
+                    core.fail_all(exc)
+                    out = StepOutputs([], [], failed=core._failed)
+                    core._failed = []
+                self.stats_dirty = True
+            elif core._failed or core._finished:
+                out = StepOutputs([], [], finished=core._finished, failed=core._failed)
+                core._finished, core._failed = [], []
+            now = time.monotonic()
+            if self.stats_dirty and (now - last_stats >= self.stats_interval or not core.has_unfinished()):
+                out = out or StepOutputs([], [])
+                out.stats = core.stats()
+                last_stats, self.stats_dirty = now, core.has_unfinished()
+            if core.adapters_changed:
+                out = out or StepOutputs([], [])
+                out.adapters, core.adapters_changed = core.list_adapters(), False
+            if out is not None:
+                self.out.send(self.enc.encode(out), copy=False)
+            if now - last_parent_check > 1.0:
+                last_parent_check = now
+                if os.getppid() != self.parent:
+                    log.warning("the frontend process is gone; engine core exits")
+                    return
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                frame = self.inp.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle(self.dec.decode(frame.buffer))
+            self.stats_dirty = True
+
+    def _handle(self, msg) -> None:
+        core = self.core
+        if isinstance(msg, AddRequest):
+            try:
+                core.add_request(msg.request_id, msg.key, msg.prompt_token_ids, msg.params, msg.adapter, msg.arrival)
+            except Exception as exc:  # noqa: BLE001 - e.g. the adapter was unloaded meanwhile
+                core._failed.append(RequestFailed(msg.key, *error_fields(exc)))
+        elif isinstance(msg, Abort):
+            for rid in msg.request_ids:
+                core.abort(rid)
+        elif isinstance(msg, FinishSeqs):
+            core.finish_seqs(msg.seq_keys, msg.reason)
+        elif isinstance(msg, UtilityCall):
+            self._utility(msg)
+        elif isinstance(msg, Shutdown):
+            self.stop = True
+
+    def _utility(self, call: UtilityCall) -> None:
+        core = self.core
+        if call.method not in UTILITY_METHODS:
+            res = UtilityResult(call.call_id, None, "ValueError", f"unknown engine method {call.method!r}")
+        else:
+            try:
+                res = UtilityResult(call.call_id, getattr(core, call.method)(*call.args))
+            except Exception as exc:  # noqa: BLE001 - the caller gets it
+                res = UtilityResult(call.call_id, None, *error_fields(exc))
+        if call.method in ADAPTER_METHODS and core.adapters_changed:  # the list first: current on return
+            self.out.send(self.enc.encode(StepOutputs([], [], adapters=core.list_adapters())))
+            core.adapters_changed = False
+        self.out.send(self.enc.encode(res))

@@ -8,6 +8,8 @@
   pinned; others are evicted least recently used when a slot or rank rows are needed.
 - Host tier: at most `max_cpu_loras` adapters keep their tensors in memory (LRU, versions with
   requests never dropped); the others are re-read from their folder when needed.
+- Every disk read and every placement into the device pool is timed (`load_seconds`, by
+  stage), and `info()` says which tier an adapter is in: the server's residency metrics.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from drlora.adapter_format import (
 from drlora.models import MoeShape
 
 from drlora_serve.lora_buffers import LoraBuffers
-from drlora_serve.types import AdapterInfo, AdapterNotFoundError
+from drlora_serve.types import AdapterInfo, AdapterNotFoundError, Histogram, LOAD_STAGES
 
-_ids = itertools.count()
+_ids = itertools.count(1)  # AdapterVersion.uid: unique in the process, never reused
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +49,8 @@ class AdapterVersion:
     active: int = 0  # running sequences (pins the device slot)
     slot: int | None = None
     last_used: float = 0.0
-    uid: int = 0
+    max_rank: int = 0  # largest rank of any expert (or attention) projection
+    uid: int = 0  # process-unique identity (prefix-cache key, host tier key); never repeats
 
 
 def read_any_adapter(path: str | Path, base: MoeShape) -> Adapter:
@@ -86,6 +89,7 @@ class AdapterPool:
         self.slots: list[AdapterVersion | None] = [None] * buffers.num_slots
         self.host: OrderedDict[int, AdapterVersion] = OrderedDict()  # uid -> version with tensors
         self.num_loads = self.num_evictions = self.num_compactions = 0
+        self.load_seconds = {stage: Histogram() for stage in LOAD_STAGES}  # see types.LOAD_STAGES
 
     # ------------------------------------------------------------------ registry
     def register(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
@@ -93,7 +97,13 @@ class AdapterPool:
             raise ValueError(f"invalid adapter name {name!r}")
         if name in self.current and not replace:
             raise ValueError(f"adapter '{name}' is already loaded (use replace to swap it)")
-        return self.add(name, read_any_adapter(path, self.base), str(Path(path).resolve()), replace)
+        return self.add(name, self._read(path), str(Path(path).resolve()), replace)
+
+    def _read(self, path: str | Path) -> Adapter:
+        t0 = time.perf_counter()
+        adapter = read_any_adapter(path, self.base)
+        self.load_seconds["disk_to_cpu"].observe(time.perf_counter() - t0)
+        return adapter
 
     def add(self, name: str, adapter: Adapter, path: str = "", replace: bool = False) -> AdapterInfo:
         """Register an adapter already in memory (tensors on any device)."""
@@ -114,7 +124,7 @@ class AdapterPool:
                         name, trained_on, self.base_fingerprint)
         old = self.current.get(name)
         v = AdapterVersion(name, (old.version + 1) if old else 1, path, cfg.total_ranks(),
-                           adapter, uid=next(_ids), last_used=time.monotonic())
+                           adapter, uid=next(_ids), last_used=time.monotonic(), max_rank=top)
         self.current[name] = v
         self.versions.append(v)
         self._host_touch(v)
@@ -135,7 +145,9 @@ class AdapterPool:
         return v
 
     def info(self, v: AdapterVersion) -> AdapterInfo:
-        return AdapterInfo(v.name, v.path, v.version, v.total_rank, v.slot is not None, v.active > 0)
+        tier = "gpu" if v.slot is not None else "cpu" if v.adapter is not None else "disk"
+        return AdapterInfo(v.name, v.path, v.version, v.total_rank, v.slot is not None, v.active > 0,
+                           tier=tier, max_rank=v.max_rank)
 
     def list(self) -> list[AdapterInfo]:
         return [self.info(v) for _, v in sorted(self.current.items())]
@@ -184,7 +196,10 @@ class AdapterPool:
                 return False
             self._evict(min(victims, key=lambda o: o.last_used))
         slot = free[0]
+        t0 = time.perf_counter()
         ok = self.buffers.load(slot, adapter)
+        self.buffers.synchronize()  # device copies may be asynchronous: time them whole
+        self.load_seconds["cpu_to_gpu"].observe(time.perf_counter() - t0)
         assert ok
         self.slots[slot], v.slot = v, slot
         self.num_loads += 1
@@ -215,6 +230,6 @@ class AdapterPool:
 
     def _host_get(self, v: AdapterVersion) -> Adapter:
         if v.adapter is None:
-            v.adapter = read_any_adapter(v.path, self.base)
+            v.adapter = self._read(v.path)
         self._host_touch(v)
         return v.adapter

@@ -67,6 +67,9 @@ class AsyncLLM:
         self.info: EngineInfo | None = None
         self.max_model_len = 0  # known once started
         self.dead = False
+        # called after every step with the processor's token timings (ttfts, itls): the
+        # server's latency histograms
+        self.token_timing = None
         self._accepting = True
         self._stats = EngineStats(max_loras=args.max_loras)
         self._adapters: list[AdapterInfo] = []
@@ -228,9 +231,12 @@ class AsyncLLM:
                 return
 
     def _on_step(self, msg: StepOutputs) -> None:
-        touched, stopped = self.processor.process(msg)
+        proc = self.processor
+        touched, stopped = proc.process(msg)
         if stopped:
             self._send(FinishSeqs(stopped))
+        if self.token_timing is not None and (proc.ttfts or proc.itls):
+            self.token_timing(proc.ttfts, proc.itls)
         for req in touched:
             if req.event is not None:
                 req.event.set()

@@ -51,7 +51,6 @@ class EngineCore:
         self.inflight: LaunchedStep | None = None
         self._finished: list[tuple[int, str]] = []  # finishes not yet reported
         self._failed: list[RequestFailed] = []
-        self.adapters_changed = True
         if args.adapters_dir:
             for sub in sorted(Path(args.adapters_dir).iterdir()):
                 if sub.is_dir():
@@ -211,13 +210,10 @@ class EngineCore:
 
     # ------------------------------------------------------------------ adapters & stats
     def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:
-        info = self.pool.register(name, path, replace)
-        self.adapters_changed = True
-        return info
+        return self.pool.register(name, path, replace)
 
     def unload_adapter(self, name: str) -> None:
         self.pool.unregister(name)
-        self.adapters_changed = True
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self.pool.list()
@@ -235,4 +231,5 @@ class EngineCore:
             waiting_adapters=sorted({s.request.adapter for s in waiting if s.request.adapter}),
             max_loras=self.args.max_loras, prompt_tokens_total=c.prompt_tokens_total,
             generation_tokens_total=c.generation_tokens_total, num_preemptions_total=c.num_preemptions_total,
-            requests_finished_total=c.requests_finished_total)
+            requests_finished_total=c.requests_finished_total,
+            adapter_load_seconds={k: h.copy() for k, h in self.pool.load_seconds.items()})

@@ -78,6 +78,7 @@ class CoreLoop:
         self.parent = os.getppid()
         self.stop = False
         self.stats_dirty = True
+        self.adapters_sent = core.list_adapters()
 
     def run(self) -> None:
         core, poller = self.core, zmq.Poller()
@@ -105,9 +106,9 @@ class CoreLoop:
                 out = out or StepOutputs([], [])
                 out.stats = core.stats()
                 last_stats, self.stats_dirty = now, core.has_unfinished()
-            if core.adapters_changed:
-                out = out or StepOutputs([], [])
-                out.adapters, core.adapters_changed = core.list_adapters(), False
+                adapters = core.list_adapters()  # residency and pins change as requests run
+                if adapters != self.adapters_sent:
+                    out.adapters = self.adapters_sent = adapters
             if out is not None:
                 self.out.send(self.enc.encode(out), copy=False)
             if now - last_parent_check > 1.0:
@@ -151,7 +152,7 @@ class CoreLoop:
                 res = UtilityResult(call.call_id, getattr(core, call.method)(*call.args))
             except Exception as exc:  # noqa: BLE001 - the caller gets it
                 res = UtilityResult(call.call_id, None, *error_fields(exc))
-        if call.method in ADAPTER_METHODS and core.adapters_changed:  # the list first: current on return
-            self.out.send(self.enc.encode(StepOutputs([], [], adapters=core.list_adapters())))
-            core.adapters_changed = False
+        if call.method in ADAPTER_METHODS:  # the list first: current once the call returns
+            self.adapters_sent = core.list_adapters()
+            self.out.send(self.enc.encode(StepOutputs([], [], adapters=self.adapters_sent)))
         self.out.send(self.enc.encode(res))

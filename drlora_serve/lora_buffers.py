@@ -163,6 +163,11 @@ class LoraBuffers:
         self._sync()
         return True
 
+    def synchronize(self) -> None:
+        """Wait for the pool's pending device copies (CUDA copies are asynchronous)."""
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def unload(self, slot: int) -> None:
         for key in self.keys:
             self.alloc[key].free(slot)

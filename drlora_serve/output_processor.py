@@ -19,6 +19,8 @@ Output kinds (SamplingParams.output_kind, vLLM's RequestOutputKind):
 
 from __future__ import annotations
 
+import time
+
 from drlora_serve.detokenizer import IncrementalDetokenizer, decode_all
 from drlora_serve.protocol import StepOutputs, error_from
 from drlora_serve.types import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
@@ -44,7 +46,8 @@ class SeqState:
 
 class RequestState:
     __slots__ = ("request_id", "key", "prompt_token_ids", "params", "adapter", "seqs", "prompt_logprobs",
-                 "num_unfinished", "hold", "stop_ids", "error", "event", "sent_prompt_lp", "queued")
+                 "num_unfinished", "hold", "stop_ids", "error", "event", "sent_prompt_lp", "arrival",
+                 "last_token_at", "step_tokens")
 
     def __init__(self, request_id: str, key: int, prompt_token_ids: list[int], params: SamplingParams,
                  adapter: str | None, tokenizer, eos_token_id: int | None):
@@ -67,7 +70,9 @@ class RequestState:
         self.error: BaseException | None = None
         self.event = None  # asyncio.Event of the consumer (AsyncLLM), if any
         self.sent_prompt_lp = 0
-        self.queued = False
+        self.arrival = time.monotonic()
+        self.last_token_at = 0.0  # 0: no token yet
+        self.step_tokens = 0  # tokens received in the step being processed
 
     @property
     def finished(self) -> bool:
@@ -81,6 +86,10 @@ class OutputProcessor:
         self.requests: dict[str, RequestState] = {}
         self.seqs: dict[int, tuple[RequestState, SeqState]] = {}  # unfinished sequences by key
         self._next_key = 1
+        # token timings of the last process() call: time to first token per request, and
+        # (seconds per token, tokens) for requests that already had tokens
+        self.ttfts: list[float] = []
+        self.itls: list[tuple[float, int]] = []
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -132,6 +141,7 @@ class OutputProcessor:
             if ent is None:  # finished here already (a stop string), or unknown
                 continue
             req, st = ent
+            req.step_tokens += 1
             st.token_ids.append(tok)
             if st.logprobs is not None and lps is not None and lps[i] is not None:
                 lp, ids, vals = lps[i]
@@ -143,6 +153,16 @@ class OutputProcessor:
                     self._finish(req, st, "stop")
                     stopped.append(key)
             touched[req.key] = req
+        now = time.monotonic()
+        ttfts, itls = self.ttfts, self.itls = [], []
+        for req in touched.values():
+            k = req.step_tokens
+            if k:
+                if req.last_token_at:
+                    itls.append(((now - req.last_token_at) / k, k))
+                else:
+                    ttfts.append(now - req.arrival)
+                req.last_token_at, req.step_tokens = now, 0
         for pl in out.prompt_logprobs:
             ent = seqs.get(pl.seq_key)
             if ent is None or ent[0].prompt_logprobs is None:

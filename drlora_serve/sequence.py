@@ -118,9 +118,11 @@ class Request:
 
     @property
     def adapter_key(self):
-        """Identity for fairness queues and prefix-cache hashing: (name, version) or None."""
+        """Identity for fairness queues and prefix-cache hashing: the pinned version's
+        process-unique uid, or None (base). Never (name, version): a name unloaded and loaded
+        again restarts at version 1 with other weights, and must not hit the old KV."""
         v = self.adapter_version
-        return None if v is None else (v.name, v.version)
+        return None if v is None else v.uid
 
     @property
     def finished(self) -> bool:

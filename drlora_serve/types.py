@@ -101,6 +101,41 @@ class AdapterInfo:
     total_rank: int
     resident: bool  # in the GPU pool now
     pinned: bool = False
+    # where its tensors are now: "gpu" (the device pool of max_loras slots, on whatever device
+    # the engine runs), "cpu" (the host tier of max_cpu_loras), "disk" (read again when needed)
+    tier: str = "disk"
+    max_rank: int = 0  # largest rank of any expert (or attention) projection
+
+
+# Adapter load stages timed by the engine: reading from disk into host memory (validation
+# included), and placing host tensors into the device pool.
+LOAD_STAGES = ("disk_to_cpu", "cpu_to_gpu")
+LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                        30.0, 60.0)
+
+
+@dataclass
+class Histogram:
+    """A histogram as plain data (stats snapshots travel between threads, later processes):
+    counts[i] observations fell in (buckets[i-1], buckets[i]]; counts[-1] above the last."""
+
+    buckets: tuple[float, ...] = LOAD_SECONDS_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LOAD_SECONDS_BUCKETS) + 1))
+    sum: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float) -> None:
+        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def copy(self) -> Histogram:
+        return Histogram(self.buckets, list(self.counts), self.sum, self.count)
+
+
+def _load_histograms() -> dict[str, Histogram]:
+    return {stage: Histogram() for stage in LOAD_STAGES}
 
 
 @dataclass
@@ -117,22 +152,27 @@ class EngineStats:
     generation_tokens_total: int = 0
     num_preemptions_total: int = 0
     requests_finished_total: int = 0
+    adapter_load_seconds: dict[str, Histogram] = field(default_factory=_load_histograms)  # by stage
 
 
 class EngineClient(Protocol):
-    """What the HTTP server needs from the engine (drlora_serve.async_engine.AsyncLLMEngine)."""
+    """What the HTTP server needs from the engine (drlora_serve.async_llm.AsyncLLM)."""
 
     model_name: str  # the base model's served name
     max_model_len: int
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
+    # set by the server: called with (times to first token, [(seconds per token, tokens)]) as
+    # tokens arrive, for the latency histograms
+    token_timing: Any
 
     async def start(self) -> None: ...
     async def shutdown(self, graceful: bool = True) -> None: ...
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                  adapter: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Cumulative snapshots until finished. Closing the iterator early aborts the request
-        and frees its KV blocks. Raises AdapterNotFoundError / InvalidRequestError up front."""
+        """RequestOutputs of params.output_kind (cumulative snapshots, deltas, or the final
+        result) until finished. Closing the iterator early aborts the request and frees its KV
+        blocks. Raises AdapterNotFoundError / InvalidRequestError up front."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

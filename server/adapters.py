@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from drlora.adapter_format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError, is_adapter_dir
+from drlora.adapter_format import CONFIG_NAME, AdapterFormatError, is_adapter_dir
 from drlora_serve.types import AdapterNotFoundError, EngineClient
+from server.confinement import OutsideRootsError, confine
 from server.errors import APIError, bad_request, from_exception
 from server.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.state import ServerState, get_state
@@ -18,28 +18,16 @@ log = logging.getLogger("drlora.server.adapters")
 router = APIRouter()
 
 
-def _inside(path: str, roots: list[str]) -> bool:
-    return any(os.path.commonpath([path, r]) == r for r in roots)
-
-
 def resolve_lora_path(path: str, roots: list[str]) -> str:
-    """The real path of `path` if it (symlinks followed, files included) lies inside one of
-    the allowed roots; a 400 otherwise. Checked before existence so that paths outside the
-    roots reveal nothing about what exists there."""
-    if "\x00" in path:
-        raise bad_request("lora_path contains a NUL byte", "lora_path")
+    """The real path of `path` under the confinement rule (server/confinement.py); a 400
+    with param lora_path otherwise."""
     if not roots:
         raise bad_request("Loading adapters by path is disabled: start the server with "
                           "--lora-root or --adapters to allow a folder", "lora_path")
-    real = os.path.realpath(os.path.expanduser(path))
-    if not _inside(real, roots):
-        raise bad_request(f"lora_path '{path}' is outside the allowed adapter roots", "lora_path")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):  # a file symlinked out of the root escapes too
-        f = os.path.join(real, name)
-        if os.path.lexists(f) and not _inside(os.path.realpath(f), roots):
-            raise bad_request(f"lora_path '{path}': {name} points outside the allowed adapter "
-                              "roots", "lora_path")
-    return real
+    try:
+        return confine(path, roots)
+    except OutsideRootsError as exc:
+        raise bad_request(f"lora_path: {exc}", "lora_path") from None
 
 
 def _check_enabled(state: ServerState) -> None:

@@ -17,9 +17,9 @@ from drlora_serve.types import EngineClient
 from server import adapters, chat, completions
 from server.watcher import AdapterWatcher
 from server.auth import ApiKeyMiddleware
-from server.errors import install_handlers
+from server.errors import install_handlers, model_not_found
 from server.metrics import CONTENT_TYPE, ServerMetrics
-from server.protocol import ErrorResponse, ModelList
+from server.protocol import ErrorResponse, ModelCard, ModelList
 from server.state import ServerConfig, ServerState, get_state
 
 log = logging.getLogger("drlora.server")
@@ -44,6 +44,7 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
             engine = await engine
         await engine.start()
         metrics.model_name = engine.model_name
+        engine.token_timing = metrics.observe_tokens
         state = ServerState(engine=engine, config=config, metrics=metrics)
         holder["state"] = app.state.drlora = state
         if config.adapters_dir:
@@ -88,22 +89,36 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def list_models(request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": _model_cards(get_state(request))})
+
+    # `:path`: served names may hold slashes (hub ids such as allenai/OLMoE-1B-7B-0125)
+    @app.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}})
+    async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
         state = get_state(request)
-        base = state.base_name
-        now = int(time.time())
-        data = [{"id": base, "object": "model", "created": now, "owned_by": "drlora",
-                 "root": config.model_path or base, "parent": None,
-                 "max_model_len": state.engine.max_model_len}]
-        for a in sorted(state.engine.list_adapters(), key=lambda a: a.name):
-            data.append({"id": a.name, "object": "model", "created": now, "owned_by": "drlora",
-                         "root": a.path, "parent": base, "max_model_len": state.engine.max_model_len})
-        return JSONResponse({"object": "list", "data": data})
+        cards = _model_cards(state)
+        if model_id and state.is_base(model_id):
+            return JSONResponse(cards[0])
+        card = next((c for c in cards[1:] if c["id"] == model_id), None)
+        if card is None:
+            raise model_not_found(model_id)
+        return JSONResponse(card)
 
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(adapters.router)
     _document_errors(app)
     return app
+
+
+def _model_cards(state: ServerState) -> list[dict]:
+    """The base model's card first, then one per adapter (sorted by name)."""
+    base, now, length = state.base_name, int(time.time()), state.engine.max_model_len
+    cards = [{"id": base, "object": "model", "created": now, "owned_by": "drlora",
+              "root": state.config.model_path or base, "parent": None, "max_model_len": length}]
+    for a in sorted(state.engine.list_adapters(), key=lambda a: a.name):
+        cards.append({"id": a.name, "object": "model", "created": now, "owned_by": "drlora",
+                      "root": a.path, "parent": base, "max_model_len": length})
+    return cards
 
 
 def _document_errors(app: FastAPI) -> None:

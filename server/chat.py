@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from drlora_serve.types import RequestOutput, TokenLogprob
 from server import generation as g
@@ -18,18 +18,24 @@ from server.state import ServerState, get_state
 router = APIRouter()
 
 
-def render(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+async def render(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+    """The chat template applied and tokenized (in a worker thread when the messages are long,
+    so that the event loop keeps serving other requests)."""
     tok = state.engine.tokenizer
     if not getattr(tok, "chat_template", None):
         raise bad_request("This model has no chat template; use /v1/completions", "messages")
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in req.messages]
-    try:
-        text = tok.apply_chat_template(messages, tokenize=False,
-                                       add_generation_prompt=req.add_generation_prompt)
-    except Exception as exc:  # a template may raise on messages it does not accept
-        raise bad_request(f"The chat template refused the messages: {exc}", "messages") from None
-    return tok.encode(text, add_special_tokens=False)
+
+    def work() -> list[int]:
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=req.add_generation_prompt)
+        except Exception as exc:  # a template may raise on messages it does not accept
+            raise bad_request(f"The chat template refused the messages: {exc}", "messages") from None
+        return tok.encode(text, add_special_tokens=False)
+
+    return await g.off_loop(work, sum(len(m["content"]) for m in messages))
 
 
 def _logprobs(state: ServerState, ids: list[int], entries: list[TokenLogprob] | None,
@@ -58,17 +64,18 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     state = get_state(request)
     adapter = state.adapter_for(req.model)
     model = req.model or state.base_name
-    ids = render(state, req)
+    g.check_count(state, 1, req.n)
+    ids = await render(state, req)
     max_tokens = g.check_prompt(state, ids, req.token_limit(), "messages", "messages")
     k = req.top_logprobs or 0
-    params = g.sampling_params(req, max_tokens, k if req.logprobs else None)
+    params = g.sampling_params(state, req, max_tokens, k if req.logprobs else None,
+                               output_kind="delta" if req.stream else "final")
     rid = g.new_id("chatcmpl")
-    its = await g.start_all([g.run(state, ids, params, rid, adapter)])
-    stream = g.merge(its)
+    group = g.RequestGroup(state)
+    await group.submit_all([(ids, params, rid, adapter)])
     if req.stream:
-        return StreamingResponse(_stream(state, req, rid, model, ids, stream),
-                                 media_type="text/event-stream")
-    outs = await g.collect(request, stream)
+        return g.GroupStreamingResponse(_stream(state, req, rid, model, ids, group.stream()), group)
+    outs = await g.collect(request, group)
     out = outs.get(0)
     choices = []
     for o in (out.outputs if out else []):
@@ -81,13 +88,11 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, model: str,
                   ids: list[int], stream: AsyncIterator[tuple[int, RequestOutput]]):
+    """SSE chunks from the request's delta outputs (each carries only what is new)."""
     created = int(time.time())
     k = req.top_logprobs or 0
     opts = req.stream_options
-    sent_text: dict[int, int] = {}
-    sent_toks: dict[int, int] = {}
-    finished: set[int] = set()
-    last: RequestOutput | None = None
+    completion_tokens = 0
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -96,30 +101,25 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
+    def usage() -> dict:
+        return {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
+                "total_tokens": len(ids) + completion_tokens}
+
     try:
         for i in range(req.n):  # the role comes first, before any content
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
         async for _, out in stream:
-            last = out
             for o in out.outputs:
-                if o.index in finished:
+                completion_tokens += len(o.token_ids)
+                if not o.text and not o.token_ids and o.finish_reason is None:
                     continue
-                st, sk = sent_text.get(o.index, 0), sent_toks.get(o.index, 0)
-                text, new_ids = o.text[st:], o.token_ids[sk:]
-                sent_text[o.index], sent_toks[o.index] = len(o.text), len(o.token_ids)
-                if o.finish_reason is not None:
-                    finished.add(o.index)
-                if not text and not new_ids and o.finish_reason is None:
-                    continue
-                lp = None
-                if req.logprobs:
-                    lp = {"content": _logprobs(state, new_ids, (o.logprobs or [])[sk:], k)}
-                usage = _usage(ids, out) if opts and opts.include_usage and opts.continuous_usage_stats else None
-                yield chunk([{"index": o.index, "delta": {"content": text} if text else {},
-                              "logprobs": lp, "finish_reason": o.finish_reason}], usage)
+                lp = {"content": _logprobs(state, o.token_ids, o.logprobs, k)} if req.logprobs else None
+                yield chunk([{"index": o.index, "delta": {"content": o.text} if o.text else {},
+                              "logprobs": lp, "finish_reason": o.finish_reason}],
+                            usage() if opts and opts.include_usage and opts.continuous_usage_stats else None)
         if opts and opts.include_usage:
-            yield chunk([], _usage(ids, last))
+            yield chunk([], usage())
     except Exception as exc:  # noqa: BLE001 - reported inside the stream
         yield sse_error(exc)
     finally:

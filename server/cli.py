@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer 403 on the load/unload endpoints")
     a("--shutdown-timeout", type=_positive(float), default=30.0,
       help="seconds to let in-flight requests finish on shutdown before aborting them")
+    a("--max-prompts-per-request", type=_positive(int), default=2048,
+      help="most prompts x n one completion request may carry (a 400 beyond)")
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -171,7 +173,8 @@ def _configure(parser, args):
         api_key=args.api_key or os.environ.get("DRLORA_API_KEY") or os.environ.get("VLLM_API_KEY") or None,
         base_aliases=[args.model, model_path], model_path=model_path, adapters_dir=adapters,
         watch_interval=args.watch_interval, lora_roots=roots, allow_runtime_lora_updating=runtime,
-        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+        max_prompts_per_request=args.max_prompts_per_request)
     return engine_args, config
 
 

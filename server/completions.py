@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from drlora_serve.types import CompletionOutput, RequestOutput, TokenLogprob
 from server import generation as g
@@ -25,12 +25,15 @@ class Prompt:
     text: str | None  # None: given as token ids, decoded only if echo needs it
 
 
-def prompts_of(state: ServerState, prompt) -> list[Prompt]:
+async def prompts_of(state: ServerState, prompt) -> list[Prompt]:
+    """Token ids of the request's prompts; text is tokenized in a worker thread when long."""
     tok = state.engine.tokenizer
     if isinstance(prompt, str):
-        return [Prompt(tok.encode(prompt), prompt)]
+        return [Prompt(await g.off_loop(lambda: tok.encode(prompt), len(prompt)), prompt)]
     if prompt and isinstance(prompt[0], str):
-        return [Prompt(tok.encode(p), p) for p in prompt]
+        texts = list(prompt)
+        ids = await g.off_loop(lambda: tok(texts)["input_ids"], sum(map(len, texts)))
+        return [Prompt(list(i), t) for i, t in zip(ids, texts)]
     if prompt and isinstance(prompt[0], int):
         return [Prompt(list(prompt), None)]
     return [Prompt(list(p), None) for p in prompt]
@@ -94,22 +97,23 @@ async def create_completion(req: CompletionRequest, request: Request):
     state = get_state(request)
     adapter = state.adapter_for(req.model)
     model = req.model or state.base_name
-    prompts = prompts_of(state, req.prompt)
+    many_prompts = isinstance(req.prompt, list) and not isinstance(req.prompt[0], int)
+    g.check_count(state, len(req.prompt) if many_prompts else 1, req.n)
+    prompts = await prompts_of(state, req.prompt)
     many = len(prompts) > 1
     params = []
     for i, p in enumerate(prompts):
         max_tokens = g.check_prompt(state, p.ids, req.max_tokens, "prompt",
                                     f"prompt {i}" if many else "prompt")
         prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-        params.append(g.sampling_params(req, max_tokens, req.logprobs, prompt_lp))
+        params.append(g.sampling_params(state, req, max_tokens, req.logprobs, prompt_lp,
+                                        output_kind="delta" if req.stream else "final"))
     rid = g.new_id("cmpl")
-    its = [g.run(state, p.ids, sp, f"{rid}-{i}", adapter) for i, (p, sp) in enumerate(zip(prompts, params))]
-    its = await g.start_all(its)
-    stream = g.merge(its)
+    group = g.RequestGroup(state)
+    await group.submit_all([(p.ids, sp, f"{rid}-{i}", adapter) for i, (p, sp) in enumerate(zip(prompts, params))])
     if req.stream:
-        return StreamingResponse(_stream(state, req, rid, model, prompts, stream),
-                                 media_type="text/event-stream")
-    outs = await g.collect(request, stream)
+        return g.GroupStreamingResponse(_stream(state, req, rid, model, prompts, group.stream()), group)
+    outs = await g.collect(request, group)
     choices = [_choice(state, req, prompts[i], out, o, i * req.n + o.index)
                for i, out in sorted(outs.items()) for o in out.outputs]
     choices.sort(key=lambda c: c["index"])
@@ -119,50 +123,66 @@ async def create_completion(req: CompletionRequest, request: Request):
 
 async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: str,
                   prompts: list[Prompt], stream: AsyncIterator[tuple[int, RequestOutput]]):
+    """SSE chunks from the requests' delta outputs (each carries only what is new). With echo,
+    a choice's first chunk carries its prompt (and, with logprobs, the prompt's logprobs, which
+    may arrive over several steps: the choice's content waits until they are all in)."""
     created = int(time.time())
-    sent_text: dict[int, int] = {}  # choice index -> characters sent
-    sent_toks: dict[int, int] = {}
-    builders: dict[int, LogprobsBuilder] = {}
-    finished: set[int] = set()
-    last: dict[int, RequestOutput] = {}
+    builders: dict[int, LogprobsBuilder] = {}  # choice index -> started (echo sent)
+    held: dict[int, list[CompletionOutput]] = {}  # choice index -> deltas waiting for the echo
+    prompt_lps: dict[int, list] = {}  # prompt index -> its prompt logprobs so far
+    tokens = [0] * len(prompts)  # completion tokens per prompt
     opts = req.stream_options
+    echo_lp = req.echo and req.logprobs is not None
+
+    def usage() -> dict:
+        pt, ct = sum(len(p.ids) for p in prompts), sum(tokens)
+        return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+
+    def render(i: int, idx: int, deltas: list[CompletionOutput]) -> str | None:
+        text, logprobs, finish = "", None, None
+        if idx not in builders:  # first chunk of this choice
+            builders[idx] = lb = LogprobsBuilder(state)
+            if req.echo:
+                text = _echo_text(state, prompts[i])
+                if req.logprobs is not None:
+                    logprobs = lb.build(prompts[i].ids, prompt_lps.get(i))
+                lb.offset = len(text)
+        for o in deltas:
+            text += o.text
+            if req.logprobs is not None and (o.token_ids or logprobs is None):
+                lp = builders[idx].build(o.token_ids, o.logprobs)
+                logprobs = lp if logprobs is None else {k: logprobs[k] + lp[k] for k in lp}
+            finish = o.finish_reason or finish
+        if not text and not any(o.token_ids for o in deltas) and finish is None:
+            return None
+        chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                 "choices": [{"index": idx, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        if opts and opts.include_usage and opts.continuous_usage_stats:
+            chunk["usage"] = usage()
+        return f"data: {json.dumps(chunk)}\n\n"
+
     try:
         async for i, out in stream:
-            last[i] = out
-            p = prompts[i]
+            if out.prompt_logprobs is not None:  # a delta: the entries scored since the last one
+                prompt_lps.setdefault(i, []).extend(out.prompt_logprobs)
+            scored = not echo_lp or len(prompt_lps.get(i, ())) >= len(prompts[i].ids)
             for o in out.outputs:
+                tokens[i] += len(o.token_ids)
                 idx = i * req.n + o.index
-                if idx in finished:
+                if idx not in builders and not scored and o.finish_reason is None:
+                    held.setdefault(idx, []).append(o)  # the echo needs every prompt logprob first
                     continue
-                text, logprobs = "", None
-                if idx not in sent_text:  # first chunk of this choice
-                    sent_text[idx] = sent_toks[idx] = 0
-                    builders[idx] = LogprobsBuilder(state)
-                    if req.echo:
-                        text = _echo_text(state, p)
-                        if req.logprobs is not None:
-                            logprobs = builders[idx].build(p.ids, out.prompt_logprobs)
-                        builders[idx].offset = len(text)
-                new_ids = o.token_ids[sent_toks[idx]:]
-                text += o.text[sent_text[idx]:]
-                if req.logprobs is not None and (new_ids or logprobs is None):
-                    lp = builders[idx].build(new_ids, (o.logprobs or [])[sent_toks[idx]:])
-                    logprobs = lp if logprobs is None else {k: logprobs[k] + lp[k] for k in lp}
-                sent_text[idx] = len(o.text)
-                sent_toks[idx] = len(o.token_ids)
-                if o.finish_reason is not None:
-                    finished.add(idx)
-                if not text and not new_ids and o.finish_reason is None:
-                    continue
-                chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                         "choices": [{"index": idx, "text": text, "logprobs": logprobs,
-                                      "finish_reason": o.finish_reason}]}
-                if opts and opts.include_usage and opts.continuous_usage_stats:
-                    chunk["usage"] = _usage(prompts, last)
-                yield f"data: {json.dumps(chunk)}\n\n"
+                data = render(i, idx, held.pop(idx, []) + [o])
+                if data is not None:
+                    yield data
+            if scored:  # choices held for this prompt's logprobs, now complete
+                for idx in [x for x in held if x // req.n == i]:
+                    data = render(i, idx, held.pop(idx))
+                    if data is not None:
+                        yield data
         if opts and opts.include_usage:
             chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                     "choices": [], "usage": _usage(prompts, last)}
+                     "choices": [], "usage": usage()}
             yield f"data: {json.dumps(chunk)}\n\n"
     except Exception as exc:  # noqa: BLE001 - reported inside the stream
         yield sse_error(exc)

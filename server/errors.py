@@ -3,16 +3,23 @@
 Every error the server returns is `{"error": {"message", "type", "param", "code"}}` with the
 HTTP status in `code`, like vLLM's OpenAI server. Validation errors are 400 (not FastAPI's
 422) so that clients written against OpenAI/vLLM see the status they expect.
+
+Rendering an error can never fail (messages echo client strings, which may hold lone
+surrogates: they are escaped), and no error closes the keep-alive connection: an unexpected
+exception becomes a 500 body here instead of reaching Starlette's outermost handler, which
+re-raises to the server after answering (uvicorn then drops the connection).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from drlora.adapter_format import AdapterFormatError, NotAnAdapterError
 from drlora_serve.types import AdapterNotFoundError, InvalidRequestError
@@ -54,11 +61,20 @@ def model_not_found(name: str) -> APIError:
     return APIError(404, f"The model `{name}` does not exist.", "model")
 
 
+def safe_text(text: str) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates) escaped as \\udXXX."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None,
                type_: str | None = None) -> dict:
-    return {"error": {"message": message,
-                      "type": type_ or TYPES.get(status, "APIError"),
-                      "param": param,
+    return {"error": {"message": safe_text(str(message)),
+                      "type": safe_text(type_ or TYPES.get(status, "APIError")),
+                      "param": None if param is None else safe_text(str(param)),
                       "code": status}}
 
 
@@ -98,7 +114,38 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     where = ".".join(loc)
     msg = first.get("msg", "invalid value")
     more = f" (+{len(errs) - 1} more errors)" if len(errs) > 1 else ""
-    return (f"{where}: {msg}{more}" if where else f"{msg}{more}"), (loc[0] if loc else None)
+    # a request-level check names its field in ctx (see protocol.refuse_unsupported)
+    param = (first.get("ctx") or {}).get("param") or (loc[0] if loc else None)
+    return (f"{where}: {msg}{more}" if where else f"{msg}{more}"), param
+
+
+class CatchAllMiddleware:
+    """Unexpected exceptions become a 500 OpenAI body on a connection that stays open. Pure
+    ASGI, inside Starlette's ServerErrorMiddleware; a response already started (a stream)
+    cannot change its status, so then the exception goes on (the stream is cut)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_watch)
+        except Exception as exc:  # noqa: BLE001 - rendered, never re-raised to the server
+            if started:
+                raise
+            response = error_response(from_exception(exc))
+            await response(scope, receive, send)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -123,6 +170,4 @@ def install_handlers(app: FastAPI) -> None:
     async def _engine(_: Request, exc: Exception) -> JSONResponse:
         return error_response(from_exception(exc))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(from_exception(exc))
+    app.add_middleware(CatchAllMiddleware)  # instead of a handler for Exception (see above)

@@ -1,9 +1,13 @@
 """Prometheus metrics under vLLM's names (`vllm:*`), so that dashboards and Kubernetes'
 Gateway API Inference Extension (which routes on `vllm:num_requests_waiting`,
-`vllm:kv_cache_usage_perc` and `vllm:lora_requests_info`) work unchanged.
+`vllm:kv_cache_usage_perc` and `vllm:lora_requests_info`) work unchanged. Metrics vLLM does
+not have (adapter residency and load times) are `drlora:*`, so that they can never collide
+with a later vLLM metric of the same name and another meaning.
 
-Latency histograms are observed by the server per request; gauges and token counters are read
-from `engine.stats()` at scrape time, so they never drift from the engine's own accounting.
+Time to first token and inter-token latency come from the engine's per-step token timings
+(`EngineClient.token_timing`, observed a batch at a time); end-to-end latency and finish
+reasons are observed by the server per request; gauges and token counters are read from
+`engine.stats()` at scrape time, so they never drift from the engine's own accounting.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+import numpy as np
+
 from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
                                generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from drlora_serve.types import EngineClient
@@ -67,6 +73,63 @@ class EngineCollector(Collector):
         info.add_metric([",".join(sorted(set(s.running_adapters))),
                          ",".join(sorted(set(s.waiting_adapters))), str(s.max_loras)], time.time())
         yield info
+        # drlora's own: one sample (value 1) per loaded adapter, where it is and how big
+        loaded = GaugeMetricFamily(
+            "drlora:loaded_lora_adapters", "Loaded LoRA adapters (value 1 each): tier gpu = in the "
+            "device pool, cpu = in host memory, disk = read again when needed; total_rank = sum of "
+            "its ranks, max_rank = its largest per-projection rank.",
+            labels=["model_name", "lora_name", "tier", "total_rank", "max_rank"])
+        for a in engine.list_adapters():
+            loaded.add_metric([engine.model_name, a.name, a.tier, str(a.total_rank), str(a.max_rank)], 1)
+        yield loaded
+        load = HistogramMetricFamily(
+            "drlora:lora_load_seconds", "Adapter load times by stage: disk_to_cpu (read and "
+            "validate), cpu_to_gpu (place into the device pool).", labels=["model_name", "stage"])
+        for stage, h in sorted(s.adapter_load_seconds.items()):
+            cumulative, total = [], 0
+            for bound, c in zip(h.buckets, h.counts):
+                total += c
+                cumulative.append((repr(float(bound)), total))
+            cumulative.append(("+Inf", h.count))
+            load.add_metric([engine.model_name, stage], cumulative, sum_value=h.sum)
+        yield load
+
+
+class BatchHistogram:
+    """A Prometheus histogram fed a batch of observations at a time (numpy bucket counts), for
+    the per-token latencies the engine reports once per step for every request in it."""
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.doc = name, doc
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, values, weights=None) -> None:
+        v = np.asarray(values, dtype=np.float64)
+        if not v.size:
+            return
+        w = np.ones(v.shape, dtype=np.int64) if weights is None else np.asarray(weights, dtype=np.int64)
+        self.counts += np.bincount(np.searchsorted(self.bounds, v, side="left"), weights=w,
+                                   minlength=len(self.counts)).astype(np.int64)
+        self.sum += float((v * w).sum())
+
+    def family(self, model_name: str) -> HistogramMetricFamily:
+        cum = np.cumsum(self.counts).tolist()
+        buckets = [(repr(float(b)), c) for b, c in zip(self.bounds.tolist(), cum)] + [("+Inf", cum[-1])]
+        h = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
+        h.add_metric([model_name], buckets, sum_value=self.sum)
+        return h
+
+
+class TokenLatencyCollector(Collector):
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.metrics
+        for h in (m.ttft, m.itl, m.tpot):
+            yield h.family(m.model_name)
 
 
 class ServerMetrics:
@@ -76,17 +139,15 @@ class ServerMetrics:
         self.inflight = 0
         labels = ["model_name"]
         r = self.registry
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.",
-                              labels, buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.",
-                             labels, buckets=ITL_BUCKETS, registry=r)
-        self.tpot = Histogram("vllm:time_per_output_token_seconds",
-                              "Time per output token (same as inter_token_latency; older name).",
-                              labels, buckets=ITL_BUCKETS, registry=r)
+        self.ttft = BatchHistogram("vllm:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = BatchHistogram("vllm:inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
+        self.tpot = BatchHistogram("vllm:time_per_output_token_seconds",
+                                   "Time per output token (same as inter_token_latency; older name).", ITL_BUCKETS)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.",
                              labels, buckets=E2E_BUCKETS, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                ["model_name", "finished_reason"], registry=r)
+        r.register(TokenLatencyCollector(self))
         r.register(EngineCollector(engine))
 
     def request_started(self, adapter: str | None) -> None:
@@ -95,14 +156,14 @@ class ServerMetrics:
     def request_done(self, adapter: str | None) -> None:
         self.inflight -= 1
 
-    def first_token(self, seconds: float) -> None:
-        self.ttft.labels(self.model_name).observe(seconds)
-
-    def inter_token(self, seconds: float, count: int) -> None:
-        itl, tpot = self.itl.labels(self.model_name), self.tpot.labels(self.model_name)
-        for _ in range(min(count, 64)):  # a snapshot may carry several tokens
-            itl.observe(seconds)
-            tpot.observe(seconds)
+    def observe_tokens(self, ttfts: list[float], itls: list[tuple[float, int]]) -> None:
+        """The engine's per-step token timings: each request's time to its first token, and
+        (seconds per token, tokens) for the others that got tokens (EngineClient.token_timing)."""
+        self.ttft.observe(ttfts)
+        if itls:
+            secs, counts = zip(*itls)
+            self.itl.observe(secs, counts)
+            self.tpot.observe(secs, counts)
 
     def request_finished(self, seconds: float, reason: str) -> None:
         self.e2e.labels(self.model_name).observe(seconds)

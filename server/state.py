@@ -29,6 +29,7 @@ class ServerConfig:
     allow_runtime_lora_updating: bool = True
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    max_prompts_per_request: int = 2048  # prompts x n of one request (engine requests it makes)
 
     def allowed_roots(self) -> list[str]:
         return [os.path.realpath(r) for r in self.lora_roots]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from drlora.adapter_format import CONFIG_NAME, WEIGHTS_NAME
 from drlora_serve.types import AdapterNotFoundError, EngineClient
+from server.confinement import OutsideRootsError, confine
 
 log = logging.getLogger("drlora.server.watcher")
 
@@ -18,6 +19,15 @@ def _names(engine: EngineClient) -> dict[str, str]:
 
 
 Signature = tuple[int, int, int, int]
+
+
+def _is_text(name: str) -> bool:
+    """Folder names become adapter names in JSON: undecodable bytes (surrogate escapes) cannot."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def signature(folder: str) -> Signature | None:
@@ -35,7 +45,9 @@ class AdapterWatcher:
     """Polls `folder`: a new complete subfolder is loaded (named after it) once its files are
     unchanged across two polls, a changed one is reloaded in place, a removed one unloaded.
     Only acts on changes, so an adapter unloaded through the API stays unloaded until its
-    files change. Failures are logged and retried when the files change again."""
+    files change. Failures are logged and retried when the files change again. A subfolder
+    (or an adapter file in it) that resolves outside `folder` is refused like the load
+    endpoint refuses it (server/confinement.py)."""
 
     engine: EngineClient
     folder: str
@@ -66,7 +78,14 @@ class AdapterWatcher:
                 continue
             if not initial and self.prev.get(name) != sig:
                 continue  # still being written: wait until two polls agree
-            path = os.path.realpath(os.path.join(self.folder, name))
+            try:  # the endpoint's rule, with the watched folder as the only root
+                if not _is_text(name):
+                    raise OutsideRootsError("its name is not valid UTF-8")
+                path = confine(os.path.join(self.folder, name), [os.path.realpath(self.folder)])
+            except OutsideRootsError as exc:
+                log.warning("not loading adapter folder %r: %s", name, exc)
+                self.failed[name] = sig
+                continue
             if name in engine_has and name not in self.loaded:
                 if os.path.realpath(engine_has[name]) == path and initial:
                     self.loaded[name] = sig  # loaded by the engine at startup

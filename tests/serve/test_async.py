@@ -82,3 +82,56 @@ def test_llm_api(tiny_dir, adapters_dir):
         llm.generate("x", sp, adapter="c")
     llm.load_adapter("c", adapters_dir / "c")
     assert {a.name for a in llm.list_adapters()} == {"a", "b", "c"}
+
+
+def test_name_reloaded_with_other_weights_never_hits_the_old_prefix_cache(tiny_dir, tiny_shape, tmp_path):
+    """Unload a name, load other weights under it: its version restarts, but its cached KV
+    must not be reused (issue 10.1). The same prompt to the reloaded name and to the adapter
+    the weights came from must then agree exactly."""
+    from serve_helpers import make_adapter
+
+    make_adapter(tmp_path / "lookup", tiny_shape, seed=21, std=0.3, dense=True)
+    make_adapter(tmp_path / "flip", tiny_shape, seed=22, std=0.3, dense=True)
+    llm = LLM(str(tiny_dir), adapters={"lookup": str(tmp_path / "lookup"), "flip": str(tmp_path / "flip")},
+              num_kv_blocks=128, device="cpu", dtype="float32")
+    prompt = " ".join(f"k{i}:{i * 7 % 100}" for i in range(12))  # several full KV blocks
+    assert len(llm.tokenizer.encode(prompt)) >= 45
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    before = llm.generate(prompt, sp, adapter="lookup")[0].outputs[0]
+    llm.unload_adapter("lookup")
+    llm.load_adapter("lookup", tmp_path / "flip")
+    again = llm.generate(prompt, sp, adapter="lookup")[0].outputs[0]
+    flip = llm.generate(prompt, sp, adapter="flip")[0].outputs[0]
+    assert again.token_ids == flip.token_ids != before.token_ids
+    assert [x.logprob for x in again.logprobs] == pytest.approx([x.logprob for x in flip.logprobs], abs=1e-5)
+
+
+def test_package_root_exports_vllm_names_lazily():
+    """`from drlora_serve import LLM, SamplingParams` works as in vLLM, and importing the
+    package or its light names does not import torch (issue 10.8)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import drlora_serve
+assert "torch" not in sys.modules, "import drlora_serve imported torch"
+from drlora_serve import SamplingParams, EngineArgs, AsyncEngineArgs, RequestOutput, CompletionOutput
+assert "torch" not in sys.modules, "a light name imported torch"
+assert AsyncEngineArgs is EngineArgs and SamplingParams(max_tokens=3).max_tokens == 3
+from drlora_serve import LLM, LLMEngine, AsyncLLM, AsyncLLMEngine
+import drlora_serve.async_llm, drlora_serve.engine, drlora_serve.llm, drlora_serve.types
+assert (LLM, LLMEngine, AsyncLLM) == (drlora_serve.llm.LLM, drlora_serve.engine.LLMEngine,
+                                      drlora_serve.async_llm.AsyncLLM)
+assert AsyncLLMEngine is AsyncLLM  # vLLM's older name
+assert RequestOutput is drlora_serve.types.RequestOutput
+assert set(drlora_serve.__all__) <= set(dir(drlora_serve)) and isinstance(drlora_serve.__version__, str)
+try:
+    drlora_serve.Nope
+except AttributeError:
+    pass
+else:
+    raise AssertionError("unknown names must raise AttributeError")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -91,3 +93,23 @@ def fake_server_cmd(*extra: str) -> list[str]:
 
 def real_server_cmd(*extra: str) -> list[str]:
     return [sys.executable, "-m", "server.cli", "--model", "tiny", *extra]
+
+
+@contextmanager
+def uvicorn_in_thread(app):
+    """A real uvicorn server for `app` on a free port, in a thread of this process (so that a
+    test can drive the app's engine double); yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 
 from drlora.adapter_format import load_config
 from drlora_serve.types import (AdapterInfo, AdapterNotFoundError, CompletionOutput,
@@ -32,7 +33,9 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.started = self.stopped = False
         self.fail_next = False  # the next generate raises RuntimeError mid-way
+        self.fail_list = False  # list_adapters raises RuntimeError (an unexpected failure)
         self.stats_ = EngineStats(max_loras=4)
+        self.token_timing = None
 
     async def start(self) -> None:
         self.started = True
@@ -43,12 +46,16 @@ class FakeEngine:
     def _token(self, prompt, seed, adapter, i, j) -> int:
         return 5 + _h(tuple(prompt), seed, adapter, i, j) % (len(self.tokenizer) - 5)
 
-    async def generate(self, prompt_token_ids, params: SamplingParams, request_id, adapter=None):
+    def generate(self, prompt_token_ids, params: SamplingParams, request_id, adapter=None):
+        """Validates up front (as the EngineClient protocol says), then streams."""
         params.validate()
         if adapter is not None and adapter not in self.adapters:
             raise AdapterNotFoundError(f"adapter {adapter} not found")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError("too long")
+        return self._generate(prompt_token_ids, params, request_id, adapter)
+
+    async def _generate(self, prompt_token_ids, params: SamplingParams, request_id, adapter):
         fail, self.fail_next = self.fail_next, False
         self.running.add(request_id)
         lp = lambda t: TokenLogprob(t, -1.0 - (t % 7) / 10, {t: -1.0 - (t % 7) / 10, 1: -2.5})  # noqa: E731
@@ -57,6 +64,8 @@ class FakeEngine:
             prompt_lp = [None] + [lp(t) for t in prompt_token_ids[1:]]
         outs = [CompletionOutput(j, "", [], None, [] if params.logprobs is not None else None)
                 for j in range(params.n)]
+        sent: dict = {}  # delta outputs: what was handed out per sequence
+        t0 = last = time.monotonic()
         try:
             self.stats_.prompt_tokens_total += len(prompt_token_ids)
             for i in range(max(params.max_tokens, 0) + 1):
@@ -84,10 +93,17 @@ class FakeEngine:
                             o.text = o.text[:o.text.index(s)]
                             o.finish_reason = "stop"
                 finished = all(o.finish_reason for o in outs)
-                yield RequestOutput(request_id, list(prompt_token_ids),
-                                    [CompletionOutput(o.index, o.text, list(o.token_ids), o.finish_reason,
-                                                      list(o.logprobs) if o.logprobs is not None else None)
-                                     for o in outs], finished, adapter, prompt_lp)
+                if self.token_timing is not None and not done:
+                    now = time.monotonic()
+                    if i == 0:
+                        self.token_timing([now - t0], [])
+                    else:
+                        self.token_timing([], [(now - last, 1)])
+                    last = now
+                out = self._shaped(params.output_kind, request_id, prompt_token_ids, outs, finished,
+                                   adapter, prompt_lp, sent)
+                if out is not None:
+                    yield out
                 if finished:
                     return
         finally:
@@ -95,10 +111,36 @@ class FakeEngine:
                 self.aborted.append(request_id)
             self.running.discard(request_id)
 
+    @staticmethod
+    def _shaped(kind, request_id, prompt, outs, finished, adapter, prompt_lp, sent) -> RequestOutput | None:
+        """The output of the request's output_kind, from the cumulative state."""
+        if kind == "final" and not finished:
+            return None
+        if kind != "delta":
+            return RequestOutput(request_id, list(prompt),
+                                 [CompletionOutput(o.index, o.text, list(o.token_ids), o.finish_reason,
+                                                   list(o.logprobs) if o.logprobs is not None else None)
+                                  for o in outs], finished, adapter, prompt_lp)
+        deltas = []
+        for o in outs:
+            nt, nx, done = sent.get(o.index, (0, 0, False))
+            if done or (len(o.token_ids) == nt and len(o.text) == nx and o.finish_reason is None):
+                continue
+            deltas.append(CompletionOutput(o.index, o.text[nx:], o.token_ids[nt:], o.finish_reason,
+                                           o.logprobs[nt:] if o.logprobs is not None else None))
+            sent[o.index] = (len(o.token_ids), len(o.text), o.finish_reason is not None)
+        plp = prompt_lp if not sent.get("plp") else None
+        sent["plp"] = True
+        if not deltas and plp is None:
+            return None
+        return RequestOutput(request_id, list(prompt), deltas, finished, adapter, plp)
+
     async def abort(self, request_id: str) -> None:
         pass
 
     def list_adapters(self) -> list[AdapterInfo]:
+        if self.fail_list:
+            raise RuntimeError("adapter list unavailable")
         return list(self.adapters.values())
 
     async def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:

@@ -204,3 +204,87 @@ def test_metrics_exposition(make_client):
     info = families["vllm:lora_requests_info"].samples[0]
     assert set(info.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
     assert info.labels["max_lora"] == "4" and info.value > 1e9
+
+
+# Issue 10.5: every option that would change the output and is not implemented is a 400 naming
+# it; its no-op values are accepted. The values are the test's own (not read from the table).
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+CHANGING = {
+    "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "min_p": 0.1,
+    "min_tokens": 3, "logit_bias": {"5": 10}, "bad_words": ["cat"], "allowed_token_ids": [5, 6],
+    "use_beam_search": True, "length_penalty": 0.5, "best_of": 2,
+    "response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["a", "b"]},
+    "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a", "b"],
+    "guided_grammar": 'root ::= "a"', "tools": [TOOL], "tool_choice": "required",
+    "functions": [{"name": "f"}], "function_call": {"name": "f"},
+    "include_stop_str_in_output": True, "skip_special_tokens": False, "spaces_between_special_tokens": False,
+    "truncate_prompt_tokens": 5, "add_special_tokens": {"completions": False, "chat": True}, "suffix": "end",
+    "prompt_embeds": "AAAA", "echo": True, "chat_template": "{{ 'x' }}",
+    "chat_template_kwargs": {"enable_thinking": True}, "documents": [{"title": "a", "text": "b"}],
+    "continue_final_message": True, "reasoning_effort": "high", "modalities": ["text", "audio"],
+    "audio": {"voice": "alloy", "format": "wav"}, "web_search_options": {}, "prompt_logprobs": 1,
+    "return_tokens_as_token_ids": True, "return_token_ids": True, "top_logprobs": 2,
+}
+NOOPS = {
+    "presence_penalty": [0, 0.0, None], "frequency_penalty": [0], "repetition_penalty": [1, 1.0],
+    "min_p": [0, 0.0], "min_tokens": [0], "logit_bias": [{}, None], "bad_words": [[]],
+    "allowed_token_ids": [None], "use_beam_search": [False], "length_penalty": [1.0], "best_of": [1],
+    "response_format": [{"type": "text"}, None], "structured_outputs": [None, {}], "guided_json": [None],
+    "guided_regex": [None], "guided_choice": [None], "guided_grammar": [None], "tools": [[], None],
+    "tool_choice": ["none", "auto", None], "functions": [[]], "function_call": ["none", "auto"],
+    "include_stop_str_in_output": [False], "skip_special_tokens": [True], "spaces_between_special_tokens": [True],
+    "truncate_prompt_tokens": [None], "add_special_tokens": {"completions": [True], "chat": [False]},
+    "suffix": ["", None], "prompt_embeds": [None], "echo": [False], "chat_template": [None],
+    "chat_template_kwargs": [{}, None], "documents": [[]], "continue_final_message": [False],
+    "reasoning_effort": [None], "modalities": [["text"]], "audio": [None], "web_search_options": [None],
+    "prompt_logprobs": [None], "return_tokens_as_token_ids": [False], "return_token_ids": [False],
+    "top_logprobs": [0, None],
+}
+
+
+def _body(endpoint: str, extra: dict) -> tuple[str, dict]:
+    if endpoint == "chat":
+        return "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    return "/v1/completions", {"prompt": "hi", "max_tokens": 2, **extra}
+
+
+def _pick(table: dict, field: str, endpoint: str):
+    v = table[field]
+    return v[endpoint] if isinstance(v, dict) and set(v) == {"completions", "chat"} else v
+
+
+def test_output_changing_options_are_refused_by_name(make_client):
+    from server.protocol import UNSUPPORTED
+
+    assert {u.field for u in UNSUPPORTED} == set(CHANGING) == set(NOOPS)
+    c, _ = make_client()
+    for u in UNSUPPORTED:
+        for endpoint in u.endpoints:
+            path, body = _body(endpoint, {u.field: _pick(CHANGING, u.field, endpoint)})
+            e = err(c.post(path, json=body), 400, "BadRequestError")
+            assert e["param"] == u.field and u.field in e["message"], (endpoint, e)
+            for value in _pick(NOOPS, u.field, endpoint):
+                path, body = _body(endpoint, {u.field: value})
+                r = c.post(path, json=body)
+                assert r.status_code == 200, (endpoint, u.field, value, r.text)
+    # options that only make sense together: accepted together
+    for endpoint, extra in (("completions", {"best_of": 3, "n": 3}), ("chat", {"top_logprobs": 2, "logprobs": True})):
+        path, body = _body(endpoint, extra)
+        assert c.post(path, json=body).status_code == 200
+    # the tool calls of an earlier turn would be rendered by the template: refused too
+    r = c.post("/v1/chat/completions", json={"messages": [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+                                                               "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "user", "content": "hi"}]})
+    assert err(r, 400)["param"] == "messages"
+
+
+def test_error_rendering_never_fails_on_unencodable_text(make_client):
+    from server.errors import APIError, error_response
+
+    body = json.loads(error_response(APIError(404, "The model `\ud800x` does not exist.", "\udcff")).body)
+    assert body["error"]["message"] == "The model `\\ud800x` does not exist." and body["error"]["param"] == "\\udcff"
+    c, _ = make_client()
+    raw = '{"model": "\\ud800", "prompt": "x"}'.encode()
+    e = err(c.post("/v1/completions", content=raw, headers={"content-type": "application/json"}), 400)
+    assert e["param"] == "model"

@@ -3,6 +3,7 @@ client disconnects aborting requests, graceful shutdown, bad flags, API key from
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -13,7 +14,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import ServerProcess, fake_server_cmd
+from server.app import build_app
+from server.state import ServerConfig
+from tests.server.conftest import ServerProcess, fake_server_cmd, uvicorn_in_thread
+from tests.server.fake_engine import FakeEngine
 
 
 def gauge(url: str, name: str) -> float:
@@ -107,6 +111,51 @@ def test_load_format_and_pool_flags_reach_the_engine():
     r = subprocess.run([sys.executable, "-m", "server.cli", "--load-format", "pickle"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "load-format" in r.stderr
+
+
+def test_unexpected_failure_is_a_500_body_and_keeps_the_connection(tokenizer):
+    """An exception no handler expects (here: the engine's adapter list fails) is a 500 with
+    the OpenAI body, and the keep-alive connection survives it (issue 10.3)."""
+    engine = FakeEngine(tokenizer)
+    app = build_app(lambda: engine, ServerConfig())
+    connects = []
+
+    def trace(event: str, info: dict) -> None:
+        if event == "connection.connect_tcp.complete":
+            connects.append(event)
+
+    with uvicorn_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        engine.fail_list = True
+        for _ in range(3):
+            r = c.get("/v1/models", extensions={"trace": trace})
+            assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError", r.text
+        engine.fail_list = False
+        assert c.get("/v1/models", extensions={"trace": trace}).status_code == 200
+    assert len(connects) == 1
+
+
+def test_retrieve_model_with_the_openai_client(tokenizer, tmp_path):
+    """GET /v1/models/{id}: the card as listed, for the base (whose served name may hold
+    slashes) and adapters; an unknown id is a 404 with the OpenAI body (issue 10.7)."""
+    from tests.server.conftest import make_adapter
+
+    engine = FakeEngine(tokenizer, model_name="allenai/OLMoE-1B-7B-0125")
+    make_adapter(tmp_path / "a1", seed=1)
+    app = build_app(lambda: engine, ServerConfig(model_path="/models/olmoe"))
+    with uvicorn_in_thread(app) as url:
+        asyncio.run(engine.load_adapter("a1", str(tmp_path / "a1")))
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        card = lambda m: {k: v for k, v in m.to_dict().items() if k != "created"}  # noqa: E731
+        listed = {m.id: card(m) for m in client.models.list().data}
+        base = client.models.retrieve("allenai/OLMoE-1B-7B-0125")
+        assert base.id == "allenai/OLMoE-1B-7B-0125" and card(base) == listed[base.id]
+        assert base.root == "/models/olmoe"
+        a1 = client.models.retrieve("a1")
+        assert card(a1) == listed["a1"] and a1.parent == base.id
+        with pytest.raises(openai.NotFoundError) as e:
+            client.models.retrieve("nope/missing")
+        assert e.value.body == {"message": "The model `nope/missing` does not exist.", "type": "NotFoundError",
+                                "param": "model", "code": 404}
 
 
 def test_dummy_load_format_resolves_an_alias_to_its_preset_without_the_hub(tmp_path):

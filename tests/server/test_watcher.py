@@ -71,3 +71,45 @@ def test_watcher_load_reload_unload(tokenizer, tmp_path):
         assert "late" in engine.adapters
 
     asyncio.run(scenario())
+
+
+def test_watcher_is_confined_like_the_load_endpoint(tokenizer, tmp_path, caplog):
+    """A symlinked adapter folder pointing outside the watched folder, or adapter files
+    symlinked outside, are refused (logged, not loaded), as the load endpoint refuses them;
+    a symlink that stays inside is fine (issue 10.6)."""
+    import pytest
+
+    from server.adapters import resolve_lora_path
+    from server.errors import APIError
+
+    root, outside = tmp_path / "adapters", tmp_path / "outside"
+    root.mkdir()
+    make_adapter(outside / "evil", seed=1)
+    os.symlink(outside / "evil", root / "linked")  # the folder itself escapes
+    (root / "half").mkdir()  # a real folder whose weights file escapes
+    os.symlink(outside / "evil" / "drlora_adapter.safetensors", root / "half" / "drlora_adapter.safetensors")
+    shutil.copy(outside / "evil" / "drlora_adapter.json", root / "half")
+    (root / "cfg").mkdir()  # ... or whose config escapes
+    os.symlink(outside / "evil" / "drlora_adapter.json", root / "cfg" / "drlora_adapter.json")
+    shutil.copy(outside / "evil" / "drlora_adapter.safetensors", root / "cfg")
+    make_adapter(root / ".staging" / "ok", seed=2)
+    os.symlink(root / ".staging" / "ok", root / "alias")  # stays inside: allowed
+    make_adapter(root / os.fsdecode(b"bad\xff"), seed=3)  # a name JSON cannot carry
+    engine = FakeEngine(tokenizer)
+    w = AdapterWatcher(engine, str(root), interval=0.05)
+
+    async def scenario():
+        await w.poll(initial=True)
+        await w.poll()
+        await w.poll()
+
+    with caplog.at_level("WARNING", logger="drlora.server.watcher"):
+        asyncio.run(scenario())
+    assert set(engine.adapters) == {"alias"}
+    assert {"linked", "half", "cfg", os.fsdecode(b"bad\xff")} <= set(w.failed)
+    assert sum("not loading adapter folder" in r.message for r in caplog.records) == 4  # once each
+    for name in ("linked", "half", "cfg"):  # the endpoint's verdict is the same
+        with pytest.raises(APIError) as e:
+            resolve_lora_path(str(root / name), [str(root)])
+        assert e.value.status == 400
+    assert resolve_lora_path(str(root / "alias"), [str(root)]) == str(root / ".staging" / "ok")

@@ -21,7 +21,7 @@ from drlora.tiny_families import ensure_tiny_family
 from drlora_serve.models.moe import MoeForServing
 from drlora_serve.types import SamplingParams
 
-from family_helpers import FAMILIES, merged_hf_model
+from tests.family_helpers import FAMILIES, merged_hf_model
 from serve_helpers import PROMPTS, make_adapter, make_engine, run_all
 
 ATOL = 1e-4

@@ -158,20 +158,15 @@ def test_retrieve_model_with_the_openai_client(tokenizer, tmp_path):
                                 "param": "model", "code": 404}
 
 
-def test_dummy_load_format_resolves_an_alias_to_its_preset_without_the_hub(tmp_path):
+def test_dummy_load_format_resolves_an_alias_to_its_preset_without_the_hub(tmp_path, monkeypatch):
     import json
-    import os
     from pathlib import Path
 
     from drlora.models import PRESETS
+    from server.cli import configure
 
-    # a fresh interpreter in the repo root: the checkout's server package, whatever pytest put first
-    code = ("from server.cli import configure; "
-            "e, c = configure(['--model', 'qwen3-moe', '--load-format', 'dummy']); print(c.model_path)")
-    root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
-                       env={**os.environ, "DRLORA_HOME": str(tmp_path)})
-    assert r.returncode == 0, r.stderr
-    folder = Path(r.stdout.strip().splitlines()[-1])
-    assert folder.is_relative_to(tmp_path) and (folder / "tokenizer.json").is_file()
+    monkeypatch.setenv("DRLORA_HOME", str(tmp_path))
+    eargs, cfg = configure(["--model", "qwen3-moe", "--load-format", "dummy"])
+    folder = Path(cfg.model_path)
+    assert folder.is_relative_to(tmp_path) and (folder / "tokenizer.json").is_file() and eargs.model == "qwen3-moe"
     assert json.loads((folder / "config.json").read_text()) == PRESETS["qwen3-moe"]

@@ -13,7 +13,7 @@ from drlora.adapter_format import AdapterConfig, expected_shapes, read_adapter, 
 from drlora.models import MoeShape, resolve_model
 from drlora.peft import export_peft, peft_to_drlora
 
-from family_helpers import FAMILIES, merged_hf_model
+from tests.family_helpers import FAMILIES, merged_hf_model
 
 peft = pytest.importorskip("peft")
 NAMES = {"qwen3_moe": "tiny-qwen3-moe", "qwen2_moe": "tiny-qwen2-moe", "mixtral": "tiny-mixtral"}

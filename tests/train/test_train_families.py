@@ -12,7 +12,7 @@ from drlora.models import MoeShape, resolve_model
 from drlora_train.config import TrainConfig
 from drlora_train.run import train
 
-from family_helpers import FAMILIES, merged_hf_model
+from tests.family_helpers import FAMILIES, merged_hf_model
 
 SMALL = dict(r_init=2, r_target=4, r_max=8, batch_size=4, lr=5e-3, eval_max_examples=2,
              eval_max_new_tokens=2, progress=False, log_every=1000, device="cpu")

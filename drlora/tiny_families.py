@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from drlora.models import TINY_FAMILIES as NAMES  # --model name -> model_type
 from drlora.tiny import ASSET_DIR, cache_root
 
-from drlora.models import TINY_FAMILIES as NAMES  # noqa: E402  (--model name -> model_type)
 LAYOUTS = ("hub", "fused")
 
 

@@ -49,11 +49,13 @@ class TinyFamilySpec:
     num_experts_per_tok: int = 2
     expert_size: int = 32  # an expert's intermediate size
     init_std: float = 0.08  # larger than transformers' 0.02, so logits and adapters matter
+    tie_word_embeddings: bool = False
     version: int = 1
 
     @property
     def name(self) -> str:
-        return f"tiny-{self.model_type}-{self.layout}-v{self.version}-s{self.seed}"
+        tied = "-tied" if self.tie_word_embeddings else ""
+        return f"tiny-{self.model_type}-{self.layout}{tied}-v{self.version}-s{self.seed}"
 
 
 def hf_config(spec: TinyFamilySpec, vocab: int, bos: int, eos: int, pad: int):
@@ -62,7 +64,8 @@ def hf_config(spec: TinyFamilySpec, vocab: int, bos: int, eos: int, pad: int):
 
     common = dict(vocab_size=vocab, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
                   num_experts_per_tok=spec.num_experts_per_tok, max_position_embeddings=512,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                  tie_word_embeddings=spec.tie_word_embeddings,
                   initializer_range=spec.init_std, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     t = spec.model_type
     if t == "qwen3_moe":
@@ -117,15 +120,18 @@ def build_tiny_family(spec: TinyFamilySpec, out_dir: str | Path) -> Path:
     if spec.layout == "fused":
         for f in out_dir.glob("model*.safetensors*"):
             f.unlink()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"),
-                  metadata={"format": "pt"})  # (tiny configs never tie the embeddings)
+        sd = model.state_dict()
+        if spec.tie_word_embeddings:  # one tensor for both, as transformers saves it
+            sd.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out_dir / "model.safetensors"),
+                  metadata={"format": "pt"})
     (out_dir / "drlora_tiny.json").write_text(json.dumps(asdict(spec), indent=2))
     return out_dir
 
 
-def ensure_tiny_family(model_type: str, layout: str = "hub", seed: int = 0) -> Path:
+def ensure_tiny_family(model_type: str, layout: str = "hub", seed: int = 0, tied: bool = False) -> Path:
     """Path of a tiny checkpoint of one family, built once into the drlora cache."""
-    spec = TinyFamilySpec(model_type, layout, seed)
+    spec = TinyFamilySpec(model_type, layout, seed, tie_word_embeddings=tied)
     target = cache_root() / "models" / spec.name
     if (target / "drlora_tiny.json").exists():
         return target

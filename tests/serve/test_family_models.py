@@ -137,6 +137,29 @@ def test_hub_and_fused_layouts_load_identically(model_type):
         assert torch.equal(sa[k], sb[k]), k
 
 
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+def test_tied_embeddings(layout):
+    """tie_word_embeddings: no lm_head in the checkpoint, the embedding is the output layer."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    d = ensure_tiny_family("qwen3_moe", layout, tied=True)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    tok = AutoTokenizer.from_pretrained(str(d))
+    eng = make_engine(d, tok)
+    ids = tok.encode(PROMPTS[0])
+    eng.add_request("r", ids, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=1))
+    out = run_all(eng)["r"]
+    model = merged_hf_model(d)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids + out.outputs[0].token_ids])).logits[0], -1)
+    for j in range(1, len(ids)):
+        assert abs(out.prompt_logprobs[j].logprob - lp[j - 1, ids[j]].item()) < 1e-4
+    assert out.outputs[0].token_ids == lp[len(ids) - 1:-1].argmax(-1).tolist()
+
+
 def test_adapter_of_another_family_is_refused(family, tiny_shape, tmp_path):
     from drlora.adapter_format import AdapterFormatError
 

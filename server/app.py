@@ -77,7 +77,8 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
     @app.get("/health")
     async def health(request: Request) -> Response:
         st = getattr(request.app.state, "drlora", None)
-        return Response(status_code=200 if st is not None and st.ready else 503)
+        alive = st is not None and st.ready and not getattr(st.engine, "dead", False)
+        return Response(status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -135,3 +135,26 @@ else:
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_engine_core_death_fails_requests_in_flight(tiny_dir, tokenizer):
+    """If the core process dies, requests in flight fail (they do not hang), new ones are
+    refused, and `dead` is set (the server's /health then answers 503)."""
+    from drlora_serve.async_llm import EngineDeadError
+
+    eng = AsyncLLM(engine_args(tiny_dir), tokenizer=tokenizer)
+    toks = tokenizer.encode(PROMPTS[0])
+
+    async def main():
+        await eng.start()
+        gen = eng.generate(toks, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True), "d0")
+        await gen.__anext__()  # running
+        eng._proc.kill()
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(_collect(gen), 10)
+        assert eng.dead
+        with pytest.raises(InvalidRequestError):
+            eng.generate(toks, SamplingParams(max_tokens=2), "d1")
+        await eng.shutdown()
+
+    asyncio.run(main())

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command (about 15-20 minutes on one H100):
+# Everything that needs a GPU, in one command (about 25-30 minutes on one H100):
 # the CUDA-marked tests (every Triton kernel against its twin on the device), then the kernel,
-# engine and HTTP benchmarks at OLMoE-1B-7B shapes with random weights. Results (JSON and logs)
+# engine and HTTP benchmarks at OLMoE-1B-7B shapes with random weights, and the engine and HTTP
+# rows at Qwen3-30B-A3B shapes (random weights, 4 adapters: 57 GiB of weights). Results (JSON and logs)
 # go to ${OUT:-bench-gpu}/. Written for the first GPU session; it has not run yet. The serve
 # benchmark needs fastapi, uvicorn and pydantic installed (the device image lacks them).
 set -uo pipefail
@@ -13,6 +14,10 @@ python -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$out/cuda_test
 python benchmarks/kernel_bench.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
 python benchmarks/engine.py --out "$out/engine.json" 2>&1 | tee "$out/engine.log"
 python benchmarks/engine.py --memory-only --out "$out/engine_memory.json" 2>&1 | tee -a "$out/engine.log"
-python benchmarks/serve.py --dummy-olmoe --make-adapters 16 -c 64 -n 512 --max-tokens 128 \
+python benchmarks/serve.py --dummy olmoe --make-adapters 16 -c 64 -n 512 --max-tokens 128 \
     --out "$out/serve.json" 2>&1 | tail -20 | tee "$out/serve.log"
+python benchmarks/engine.py --shape qwen3-moe --hf-batches 1 16 --out "$out/engine_qwen3.json" 2>&1 | tee "$out/engine_qwen3.log"
+python benchmarks/engine.py --shape qwen3-moe --memory-only --out "$out/engine_qwen3_memory.json" 2>&1 | tee -a "$out/engine_qwen3.log"
+python benchmarks/serve.py --dummy qwen3-moe --make-adapters 4 -c 64 -n 256 --max-tokens 128 \
+    --out "$out/serve_qwen3.json" 2>&1 | tail -20 | tee "$out/serve_qwen3.log"
 python benchmarks/train_overhead.py --device cuda --out "$out/train_overhead.json" 2>&1 | tee "$out/train_overhead.log"

@@ -9,8 +9,10 @@ latency (p50/p99), prints a table and writes JSON with device, date and versions
     # start one itself (tiny on CPU, 4 random adapters)
     python benchmarks/serve.py --model tiny --make-adapters 4 -c 8 -n 64 --max-tokens 32
     # on a GPU at OLMoE-1B-7B shapes, random weights (--load-format dummy), 16 adapters with
-    # DR-LoRA-like ranks 8..32, no checkpoint needed
-    python benchmarks/serve.py --dummy-olmoe --make-adapters 16 -c 64 -n 512 --max-tokens 128
+    # DR-LoRA-like ranks 8..32, no checkpoint needed (--dummy-olmoe is --dummy olmoe)
+    python benchmarks/serve.py --dummy olmoe --make-adapters 16 -c 64 -n 512 --max-tokens 128
+    # at Qwen3-30B-A3B shapes (4 adapters fit beside the 57 GiB of weights on an 80 GB GPU)
+    python benchmarks/serve.py --dummy qwen3-moe --make-adapters 4 -c 64 -n 512 --max-tokens 128
 """
 
 from __future__ import annotations
@@ -138,20 +140,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def dummy_olmoe_folder(root: Path) -> Path:
-    """A model folder with OLMoE-1B-7B's config and the tiny model's tokenizer (ids < 849, well
-    inside OLMoE's vocab): served with --load-format dummy, i.e. random weights."""
-    import shutil
+def dummy_folder(alias: str) -> Path:
+    """A model folder with a preset's config (drlora.models.PRESETS) and the tiny model's
+    tokenizer (ids < 849, inside every vocab): served with --load-format dummy, random weights."""
+    from drlora.models import dummy_model_dir
 
-    from drlora.models import OLMOE_1B_7B, resolve_model
-
-    folder = root / "olmoe-dummy"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(OLMOE_1B_7B, indent=1))
-    for f in resolve_model("tiny").glob("*"):
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, folder / f.name)
-    return folder
+    return dummy_model_dir(alias)
 
 
 def make_adapters(folder: Path, k: int, model: str, dr_lora_like: bool = False) -> list[str]:
@@ -233,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=None, help="comma-separated model fields to cycle through "
                    "(default: every model the server lists)")
     p.add_argument("--make-adapters", type=int, default=4, help="random adapters for a started server")
-    p.add_argument("--dummy-olmoe", action="store_true", help="start a server at OLMoE-1B-7B shapes with random "
-                   "weights (--load-format dummy) and DR-LoRA-like adapters (ranks 8..32)")
+    p.add_argument("--dummy", default=None, metavar="PRESET", help="start a server at a preset's shapes (olmoe, "
+                   "qwen3-moe, qwen2-moe, mixtral) with random weights (--load-format dummy) and DR-LoRA-like "
+                   "adapters (ranks 8..32)")
+    p.add_argument("--dummy-olmoe", action="store_true", help="same as --dummy olmoe")
     p.add_argument("--server-args", default="", help="extra drlora-serve flags for a started server")
     p.add_argument("-c", "--concurrency", type=int, default=8)
     p.add_argument("-n", "--num-requests", type=int, default=64)
@@ -245,19 +241,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=os.environ.get("DRLORA_API_KEY"))
     p.add_argument("--out", default="bench-serve.json")
     args = p.parse_args(argv)
+    if args.dummy_olmoe:
+        args.dummy = "olmoe"
 
     proc, tmp = None, None
     url = args.url
     if url is None:
         tmp = tempfile.TemporaryDirectory(prefix="drlora-bench-")
-        if args.dummy_olmoe:
-            args.model = str(dummy_olmoe_folder(Path(tmp.name)))
+        if args.dummy:
+            args.model = str(dummy_folder(args.dummy))
+            from drlora.models import MoeShape
+
+            E = MoeShape.from_model_dir(args.model).num_experts
             k = max(args.make_adapters, 1)  # all resident at once: pool rows for mean rank 16 plus slack
-            args.server_args += f" --load-format dummy --max-loras {k} --lora-pool-rank-rows {k * 64 * 20}"
+            args.server_args += f" --load-format dummy --max-loras {k} --lora-pool-rank-rows {k * E * 20}"
             adapters = Path(tmp.name) / "adapters"
         else:
             adapters = Path(tmp.name)
-        make_adapters(adapters, args.make_adapters, args.model, dr_lora_like=args.dummy_olmoe)
+        make_adapters(adapters, args.make_adapters, args.model, dr_lora_like=args.dummy is not None)
         proc, url = start_server(args, adapters)
     try:
         if args.models:

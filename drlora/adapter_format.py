@@ -9,8 +9,12 @@ An adapter is a folder with two files:
   `layers.{l}.experts.{p}.lora_A` (sum_e r[l,e,p], in) and `layers.{l}.experts.{p}.lora_B`
   (out, sum_e r[l,e,p]); expert e owns rows / columns [off_e, off_e + r[l,e,p]) with off the
   running sum over experts 0..e-1. Dense LoRA: `layers.{l}.self_attn.{q,k,v,o}_proj.lora_A`
-  (r, in) / `.lora_B` (out, r). A trained router: `layers.{l}.router.weight` (E, H), which
-  replaces the base router of that layer.
+  (r, in) / `.lora_B` (out, r), and on a Qwen2-MoE shared expert
+  `layers.{l}.shared_expert.{gate,up,down}.lora_A` / `.lora_B` (projections `shared_gate`,
+  `shared_up`, `shared_down`). A trained router: `layers.{l}.router.weight` (E, H), which
+  replaces the base router of that layer. Layers without experts (Qwen MoE dense-MLP layers,
+  `base_shape.dense_layers`) have rank 0 for every expert and no expert, shared or router
+  tensors (attention LoRA is allowed on every layer).
 
 The delta of expert e on projection p is `scaling * B_e @ A_e`. File names differ from
 PEFT's (`adapter_config.json`) on purpose so that PEFT and vLLM never mistake ours for theirs.
@@ -35,7 +39,9 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "drlora_adapter.json"
 WEIGHTS_NAME = "drlora_adapter.safetensors"
 EXPERT_PROJS = ("gate", "up", "down")
-DENSE_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+SHARED_PROJS = ("shared_gate", "shared_up", "shared_down")  # Qwen2-MoE's shared expert
+DENSE_PROJS = ATTN_PROJS + SHARED_PROJS  # one rank per layer (`dense_ranks`)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -87,12 +93,12 @@ class AdapterConfig:
             n += sum(r) * (i + o)
         if self.train_router:
             s = self.base_shape
-            n += s.num_hidden_layers * s.num_experts * s.hidden_size
+            n += len(s.sparse_layers) * s.num_experts * s.hidden_size
         return n
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["base_shape"] = asdict(self.base_shape)
+        d["base_shape"] = shape_json(self.base_shape)
         return d
 
     @classmethod
@@ -113,6 +119,17 @@ class AdapterConfig:
             raise AdapterFormatError(f"{where}: malformed adapter config ({exc})") from None
 
 
+def shape_json(shape: MoeShape) -> dict:
+    """base_shape as written: the Qwen MoE fields only when set, so that an OLMoE (or Mixtral)
+    adapter's config is exactly what drlora wrote before those fields existed."""
+    d = asdict(shape)
+    d["dense_layers"] = list(shape.dense_layers)
+    for k, default in (("shared_expert_intermediate_size", 0), ("dense_layers", [])):
+        if d[k] == default:
+            del d[k]
+    return d
+
+
 @dataclass
 class Adapter:
     config: AdapterConfig
@@ -120,9 +137,13 @@ class Adapter:
     path: Path | None = None
 
     def expert_lora(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Packed (A (R, in), B (out, R), ranks per expert) of one layer and projection."""
-        return (self.tensors[key(layer, proj, "lora_A")], self.tensors[key(layer, proj, "lora_B")],
-                self.config.ranks[proj][layer])
+        """Packed (A (R, in), B (out, R), ranks per expert) of one layer and projection (empty
+        on a dense-MLP layer, which stores no expert tensors)."""
+        ranks = self.config.ranks[proj][layer]
+        if not self.config.base_shape.is_sparse(layer):
+            i, o = self.config.base_shape.proj_dims(proj)
+            return torch.zeros(0, i), torch.zeros(o, 0), ranks
+        return self.tensors[key(layer, proj, "lora_A")], self.tensors[key(layer, proj, "lora_B")], ranks
 
     def expert_delta(self, layer: int, proj: str) -> torch.Tensor:
         """Dense (E, out, in) delta `scaling * B_e @ A_e` for every expert (for tests/merging)."""
@@ -136,6 +157,9 @@ class Adapter:
         return out * self.config.scaling
 
     def dense_lora(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if proj in SHARED_PROJS and not self.config.base_shape.is_sparse(layer):
+            i, o = self.config.base_shape.proj_dims(proj)
+            return torch.zeros(0, i), torch.zeros(o, 0)
         return self.tensors[key(layer, proj, "lora_A")], self.tensors[key(layer, proj, "lora_B")]
 
     def router_weight(self, layer: int) -> torch.Tensor | None:
@@ -146,8 +170,10 @@ def key(layer: int, proj: str, which: str) -> str:
     """Tensor name in the safetensors file; which in {lora_A, lora_B}."""
     if proj in EXPERT_PROJS:
         return f"layers.{layer}.experts.{proj}.{which}"
-    if proj in DENSE_PROJS:
+    if proj in ATTN_PROJS:
         return f"layers.{layer}.self_attn.{proj}.{which}"
+    if proj in SHARED_PROJS:
+        return f"layers.{layer}.shared_expert.{proj[len('shared_'):]}.{which}"
     raise ValueError(f"unknown projection '{proj}'")
 
 
@@ -157,16 +183,20 @@ def expected_shapes(cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
     for p, per_layer in cfg.ranks.items():
         i, o = s.proj_dims(p)
         for l, ranks in enumerate(per_layer):
+            if not s.is_sparse(l):
+                continue  # a dense-MLP layer: no expert tensors at all
             R = sum(ranks)
             shapes[key(l, p, "lora_A")] = (R, i)
             shapes[key(l, p, "lora_B")] = (o, R)
     for p, ranks in cfg.dense_ranks.items():
         i, o = s.proj_dims(p)
         for l, r in enumerate(ranks):
+            if p in SHARED_PROJS and not s.is_sparse(l):
+                continue  # no shared expert on a dense-MLP layer
             shapes[key(l, p, "lora_A")] = (r, i)
             shapes[key(l, p, "lora_B")] = (o, r)
     if cfg.train_router:
-        for l in range(s.num_hidden_layers):
+        for l in s.sparse_layers:
             shapes[f"layers.{l}.router.weight"] = (s.num_experts, s.hidden_size)
     return shapes
 
@@ -183,11 +213,18 @@ def _check_config(cfg: AdapterConfig) -> None:
             raise AdapterFormatError(f"ranks['{p}'] must be {L} layers x {E} experts")
         if any((not isinstance(x, int)) or x < 0 for r in per_layer for x in r):
             raise AdapterFormatError(f"ranks['{p}'] must hold non-negative integers")
+        for l in s.dense_layers:
+            if l < L and any(per_layer[l]):
+                raise AdapterFormatError(f"ranks['{p}'] gives experts to layer {l}, a dense-MLP layer of this base")
     for p, ranks in cfg.dense_ranks.items():
         if p not in DENSE_PROJS:
             raise AdapterFormatError(f"unknown dense projection '{p}' (expected one of {DENSE_PROJS})")
+        if p not in s.dense_projs():
+            raise AdapterFormatError(f"dense_ranks['{p}']: the base ({s.model_type}) has no shared expert")
         if len(ranks) != L or any((not isinstance(x, int)) or x < 0 for x in ranks):
             raise AdapterFormatError(f"dense_ranks['{p}'] must be {L} non-negative integers")
+        if p in SHARED_PROJS and any(ranks[l] for l in s.dense_layers if l < L):
+            raise AdapterFormatError(f"dense_ranks['{p}'] is non-zero on a dense-MLP layer (no shared expert there)")
     if not (isinstance(cfg.scaling, (int, float)) and math.isfinite(cfg.scaling)):
         raise AdapterFormatError(f"scaling must be a finite number, got {cfg.scaling!r}")
     if cfg.dtype not in DTYPES:
@@ -195,10 +232,11 @@ def _check_config(cfg: AdapterConfig) -> None:
 
 
 def check_base(cfg: AdapterConfig, base: MoeShape) -> None:
-    """Refuse an adapter whose shapes do not fit the base model."""
+    """Refuse an adapter whose family or shapes do not fit the base model."""
     a = cfg.base_shape
-    for f in ("num_hidden_layers", "num_experts", "hidden_size", "intermediate_size",
-              "num_attention_heads", "num_key_value_heads", "head_dim"):
+    for f in ("model_type", "num_hidden_layers", "num_experts", "hidden_size", "intermediate_size",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "shared_expert_intermediate_size",
+              "dense_layers"):
         if getattr(a, f) != getattr(base, f):
             raise AdapterFormatError(
                 f"adapter was made for {f}={getattr(a, f)} but the base model has {getattr(base, f)}")

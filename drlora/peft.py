@@ -1,4 +1,5 @@
-"""Convert between drlora adapters and PEFT (0.21) LoRA folders on transformers-v5 OLMoE.
+"""Convert between drlora adapters and PEFT (0.21) LoRA folders on transformers-v5 MoE models
+(OLMoE, Qwen3-MoE, Qwen2-MoE, Mixtral: all keep their experts at `mlp.experts` in v5).
 
 PEFT's expert LoRA targets the fused parameters (`target_parameters`), one rank r for all
 experts (layout checked against peft 0.21.2, see tests/train/test_peft.py):
@@ -12,6 +13,10 @@ experts (layout checked against peft 0.21.2, see tests/train/test_peft.py):
 gate and up share one LoRA in PEFT, so drlora -> PEFT stacks them: A = [A_gate; A_up] and
 B = [[B_gate, 0], [0, B_up]], rank r_gate + r_up; an adapter without `gate` exports zero
 gate rows. Every expert is zero-padded to one rank r (the largest needed).
+Dense LoRA (attention q/k/v/o_proj, a Qwen2-MoE shared expert's gate/up/down_proj) is a plain
+PEFT `target_modules` LoRA (`self_attn.q_proj`, `mlp.shared_expert.gate_proj`, ...): lora_A
+(r, in), lora_B (out, r), exported at the same rank r (zero-padded; PEFT has one r). Dense-MLP
+layers (Qwen3-MoE `mlp_only_layers`) have no experts and get no expert tensors.
 
 Import only needs torch, safetensors and drlora: the serving engine calls `peft_to_drlora`.
 
@@ -29,8 +34,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from drlora.adapter_format import (DENSE_PROJS, AdapterConfig, AdapterFormatError, read_adapter,
-                                   write_adapter)
+from drlora.adapter_format import (DENSE_PROJS, SHARED_PROJS, AdapterConfig, AdapterFormatError, key,
+                                   read_adapter, write_adapter)
 from drlora.models import MoeShape
 
 PEFT_CONFIG = "adapter_config.json"
@@ -38,6 +43,20 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model.model.layers"
 _EXPERT_KEY = re.compile(r"layers\.(\d+)\.mlp\.experts\.(?:base_layer\.)?lora_([AB])\.weight$")
 _DENSE_KEY = re.compile(r"layers\.(\d+)\.self_attn\.([qkvo]_proj)\.lora_([AB])(?:\.default)?\.weight$")
+_SHARED_KEY = re.compile(r"layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def module_name(l: int, proj: str) -> str:
+    """PEFT module path (below base_model.model.model.layers) of a dense projection."""
+    if proj in SHARED_PROJS:
+        return f"{l}.mlp.shared_expert.{proj[len('shared_'):]}_proj"
+    return f"{l}.self_attn.{proj}"
+
+
+def target_module(proj: str) -> str:
+    """PEFT target_modules entry: matched as a suffix of module names, so the shared expert's
+    needs its parent (a dense-MLP layer's own mlp.gate_proj must not match)."""
+    return f"shared_expert.{proj[len('shared_'):]}_proj" if proj in SHARED_PROJS else proj
 
 
 def _per_expert(ad, l: int, p: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -55,15 +74,25 @@ def drlora_to_peft(ad) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg: AdapterConfig = ad.config
     s = cfg.base_shape
     E, H, I = s.num_experts, s.hidden_size, s.intermediate_size
-    if cfg.dense_ranks or cfg.train_router:
-        raise AdapterFormatError("export to PEFT supports expert LoRA only (no dense LoRA, no trained router)")
+    if cfg.train_router:
+        raise AdapterFormatError("export to PEFT does not carry a trained router (PEFT would need modules_to_save)")
     has_gu = any(p in cfg.ranks for p in ("gate", "up"))
     has_d = "down" in cfg.ranks
     r_gu = int((cfg.expert_ranks("gate") + cfg.expert_ranks("up")).max()) if has_gu else 0
     r_d = int(cfg.expert_ranks("down").max()) if has_d else 0
-    r = max(r_gu, r_d, 1)
+    r = max([r_gu, r_d, 1] + [max(v) for v in cfg.dense_ranks.values()])
     tensors: dict[str, torch.Tensor] = {}
-    for l in range(s.num_hidden_layers):
+    for p, per_layer in cfg.dense_ranks.items():
+        i, o = s.proj_dims(p)
+        for l, rl in enumerate(per_layer):
+            if p in SHARED_PROJS and not s.is_sparse(l):
+                continue
+            A, B = torch.zeros(r, i), torch.zeros(o, r)
+            a, b = ad.dense_lora(l, p)
+            A[:rl], B[:, :rl] = a.float(), b.float()
+            tensors[f"{PREFIX}.{module_name(l, p)}.lora_A.weight"] = A
+            tensors[f"{PREFIX}.{module_name(l, p)}.lora_B.weight"] = B
+    for l in s.sparse_layers:
         if has_gu:
             A = torch.zeros(E, r, H)  # E, R, H
             B = torch.zeros(2 * I, r, E)  # 2I, R, E
@@ -87,7 +116,8 @@ def drlora_to_peft(ad) -> tuple[dict, dict[str, torch.Tensor]]:
     targets = (["mlp.experts.gate_up_proj"] if has_gu else []) + (["mlp.experts.down_proj"] if has_d else [])
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.base_model,
               "r": r, "lora_alpha": cfg.scaling * r, "lora_dropout": 0.0, "bias": "none",
-              "target_modules": [], "target_parameters": targets, "use_rslora": False,
+              "target_modules": [target_module(p) for p in cfg.dense_ranks], "target_parameters": targets,
+              "use_rslora": False,
               "use_dora": False, "fan_in_fan_out": False, "inference_mode": True,
               "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
     return config, tensors
@@ -100,7 +130,8 @@ def export_peft(adapter_dir: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     # PEFT ignores safetensors metadata; the exact ranks there make the round trip exact even
     # for ranks whose B is still zero (which the zero-padding rule would otherwise drop)
-    meta = {"format": "pt", "drlora_ranks": json.dumps(ad.config.ranks)}
+    meta = {"format": "pt", "drlora_ranks": json.dumps(ad.config.ranks),
+            "drlora_dense_ranks": json.dumps(ad.config.dense_ranks)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / PEFT_WEIGHTS), metadata=meta)
     (out / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
     return out
@@ -130,7 +161,9 @@ def peft_to_drlora(peft_dir: str | Path, base_shape: MoeShape) -> tuple[AdapterC
         pc = json.loads((peft_dir / PEFT_CONFIG).read_text())
         raw = load_file(str(peft_dir / PEFT_WEIGHTS))
         with safe_open(str(peft_dir / PEFT_WEIGHTS), "pt") as f:
-            exact = json.loads((f.metadata() or {}).get("drlora_ranks", "null"))
+            meta = f.metadata() or {}
+        exact = json.loads(meta.get("drlora_ranks", "null"))
+        exact_dense = json.loads(meta.get("drlora_dense_ranks", "null"))
     except FileNotFoundError as exc:
         raise AdapterFormatError(f"{peft_dir} is not a PEFT adapter folder ({Path(exc.filename).name} missing)") from None
     except (json.JSONDecodeError, Exception) as exc:  # safetensors raises its own errors
@@ -145,18 +178,22 @@ def peft_to_drlora(peft_dir: str | Path, base_shape: MoeShape) -> tuple[AdapterC
             pairs.setdefault(("expert", int(m.group(1)), k[:m.start(2) - 5]), {})[m.group(2)] = v.float()
         elif m := _DENSE_KEY.search(k):
             pairs.setdefault(("dense", int(m.group(1)), m.group(2)), {})[m.group(3)] = v.float()
+        elif m := _SHARED_KEY.search(k):
+            if not s.shared_expert_intermediate_size:
+                raise AdapterFormatError(f"{peft_dir}: tensor {k} targets a shared expert but the base has none")
+            pairs.setdefault(("dense", int(m.group(1)), "shared_" + m.group(2)), {})[m.group(3)] = v.float()
         else:
-            raise AdapterFormatError(f"{peft_dir}: tensor {k} is not an OLMoE expert or attention LoRA")
-    for key in [k for k in pairs if k[0] == "expert"]:
-        d = pairs.pop(key)
+            raise AdapterFormatError(f"{peft_dir}: tensor {k} is not an expert, attention or shared-expert LoRA")
+    for pk in [k for k in pairs if k[0] == "expert"]:
+        d = pairs.pop(pk)
         if set(d) != {"A", "B"}:
-            raise AdapterFormatError(f"{peft_dir}: {key[2]} lacks lora_A or lora_B")
+            raise AdapterFormatError(f"{peft_dir}: {pk[2]} lacks lora_A or lora_B")
         # gate_up: A (r*E, H), B (2I, r*E); down: A (r*E, I), B (H, r*E); (H, 2I) != (I, H) always
         dims = (d["A"].shape[1], d["B"].shape[0])
         proj = {(H, 2 * I): "gate_up", (I, H): "down"}.get(dims)
         if proj is None:
-            raise AdapterFormatError(f"{peft_dir}: {key[2]} has shapes {dims} that fit no expert projection")
-        pairs[("expert", key[1], proj)] = d
+            raise AdapterFormatError(f"{peft_dir}: {pk[2]} has shapes {dims} that fit no expert projection")
+        pairs[("expert", pk[1], proj)] = d
     if not pairs:
         raise AdapterFormatError(f"{peft_dir}: no LoRA tensors")
     base_r = int(pc.get("r", 8))
@@ -169,7 +206,12 @@ def peft_to_drlora(peft_dir: str | Path, base_shape: MoeShape) -> tuple[AdapterC
         A, B = d["A"], d["B"]
         if kind == "dense":
             r = A.shape[0]
-            dense[(l, proj)] = (A, B * (_scale(pc, f"layers.{l}.self_attn.{proj}", r) / scaling))
+            B = B * (_scale(pc, f"layers.{module_name(l, proj)}", r) / scaling)
+            if exact_dense is not None and proj in exact_dense:
+                rk = exact_dense[proj][l]
+                dense[(l, proj)] = (A[:rk], B[:, :rk])
+            else:
+                dense[(l, proj)] = _compact(A, B)
             continue
         r = A.shape[0] // E
         A, B = A.reshape(E, r, -1), B.reshape(B.shape[0], r, E)  # E, R, in ; out, R, E
@@ -199,8 +241,9 @@ def peft_to_drlora(peft_dir: str | Path, base_shape: MoeShape) -> tuple[AdapterC
         for l in range(L):
             per = parts.get((l, p), [(torch.zeros(0, i), torch.zeros(o, 0))] * E)
             ranks[p].append([a.shape[0] for a, _ in per])
-            tensors[f"layers.{l}.experts.{p}.lora_A"] = torch.cat([a for a, _ in per])
-            tensors[f"layers.{l}.experts.{p}.lora_B"] = torch.cat([b for _, b in per], 1)
+            if s.is_sparse(l):  # a dense-MLP layer stores no expert tensors
+                tensors[key(l, p, "lora_A")] = torch.cat([a for a, _ in per])
+                tensors[key(l, p, "lora_B")] = torch.cat([b for _, b in per], 1)
     dense_ranks: dict[str, list[int]] = {}
     for p in DENSE_PROJS:
         if not any(k[1] == p for k in dense):
@@ -210,7 +253,8 @@ def peft_to_drlora(peft_dir: str | Path, base_shape: MoeShape) -> tuple[AdapterC
         for l in range(L):
             A, B = dense.get((l, p), (torch.zeros(0, i), torch.zeros(o, 0)))
             dense_ranks[p].append(A.shape[0])
-            tensors[f"layers.{l}.self_attn.{p}.lora_A"], tensors[f"layers.{l}.self_attn.{p}.lora_B"] = A, B
+            if p not in SHARED_PROJS or s.is_sparse(l):
+                tensors[key(l, p, "lora_A")], tensors[key(l, p, "lora_B")] = A, B
     cfg = AdapterConfig(base_model=str(pc.get("base_model_name_or_path") or "unknown"), base_shape=s,
                         method="peft-import", scaling=float(scaling), ranks=ranks, dense_ranks=dense_ranks,
                         provenance={"imported_from": str(peft_dir.resolve()), "peft_r": base_r,

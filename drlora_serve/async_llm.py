@@ -58,7 +58,7 @@ class EngineDeadError(RuntimeError):
 class AsyncLLM:
     def __init__(self, args: EngineArgs, tokenizer=None, log_level: str = "INFO"):
         self.args = args
-        self.model_dir = resolve_model(args.model)
+        self.model_dir = resolve_model(args.model, dummy=args.load_format == "dummy")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         self.eos_token_id = self.tokenizer.eos_token_id
         self.model_name = args.served_model_name or args.model

@@ -38,7 +38,8 @@ class EngineCore:
         self.args = args
         if args.cpu_threads:
             torch.set_num_threads(args.cpu_threads)
-        self.model_dir = Path(model_dir) if model_dir is not None else resolve_model(args.model)
+        self.model_dir = Path(model_dir) if model_dir is not None else resolve_model(
+            args.model, dummy=args.load_format == "dummy")
         self.model_name = args.served_model_name or args.model
         self.runner = runner or ModelRunner(args, self.model_dir)
         self.max_model_len = self.runner.max_model_len

@@ -29,7 +29,8 @@ class LLMEngine:
     def __init__(self, args: EngineArgs, model_dir: Path | None = None, runner: ModelRunner | None = None,
                  tokenizer=None):
         self.args = args
-        self.model_dir = Path(model_dir) if model_dir is not None else resolve_model(args.model)
+        self.model_dir = Path(model_dir) if model_dir is not None else resolve_model(
+            args.model, dummy=args.load_format == "dummy")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         eos = self.tokenizer.eos_token_id
         self.core = EngineCore(args, self.model_dir, runner, eos_token_id=eos)

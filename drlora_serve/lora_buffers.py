@@ -2,7 +2,9 @@
 
 Legend: L layers, S adapter slots, E experts, R pool rank rows, H hidden, I intermediate.
 For every (layer, expert projection): a (R, in), b (R, out) (rows of B^T), offsets/ranks
-(S, E) int32; for every (layer, attention projection): a, b and (S,) offsets/ranks; scales
+(S, E) int32 (a dense-MLP layer, without experts, gets 0 rows); for every (layer, dense
+projection: attention q/k/v/o, and a Qwen2-MoE shared expert's gate/up/down): a, b and (S,)
+offsets/ranks; scales
 (S,) fp32; router (L, S, E, H) for adapters that bring their own router. An adapter in slot s
 owns one contiguous extent of rows per (layer, projection), expert e at offsets[s, e].
 Tables live on the device and are updated in place (copy_), so captured graphs stay valid.
@@ -16,7 +18,7 @@ import torch
 
 from kernels import DenseLoraLayer, MoeLoraLayer
 
-from drlora.adapter_format import DENSE_PROJS, EXPERT_PROJS, Adapter
+from drlora.adapter_format import EXPERT_PROJS, Adapter, key as tensor_key
 from drlora.models import MoeShape
 
 
@@ -61,13 +63,14 @@ class LoraBuffers:
                  dtype: torch.dtype, device: torch.device):
         self.shape, self.num_slots, self.dtype, self.device = shape, num_slots, dtype, device
         L, S, E = shape.num_hidden_layers, num_slots, shape.num_experts
-        self.keys = [(l, p) for l in range(L) for p in EXPERT_PROJS] + [(l, p) for l in range(L) for p in DENSE_PROJS]
+        self.dense_projs = shape.dense_projs()
+        self.keys = [(l, p) for l in range(L) for p in EXPERT_PROJS] + [(l, p) for l in range(L) for p in self.dense_projs]
         self.a, self.b, self.alloc = {}, {}, {}
         self.offsets_host, self.ranks_host, self.offsets, self.ranks = {}, {}, {}, {}
         for key in self.keys:
             moe = key[1] in EXPERT_PROJS
             i, o = shape.proj_dims(key[1])
-            rows = moe_rows if moe else dense_rows
+            rows = (moe_rows if shape.is_sparse(key[0]) else 0) if moe else dense_rows
             self.a[key] = torch.zeros(rows, i, dtype=dtype, device=device)
             self.b[key] = torch.zeros(rows, o, dtype=dtype, device=device)
             self.alloc[key] = RowAllocator(rows)
@@ -87,7 +90,7 @@ class LoraBuffers:
                                   ranks={p: self.ranks[(l, p)] for p in EXPERT_PROJS}, scales=self.scales, max_rank=0)
                      for l in range(L)]
         self._dense = {key: DenseLoraLayer(self.a[key], self.b[key], self.offsets[key], self.ranks[key], self.scales, max_rank=0)
-                       for key in self.keys if key[1] in DENSE_PROJS}
+                       for key in self.keys if key[1] in self.dense_projs}
 
     # ------------------------------------------------------------------ views for the model
     def moe_layer(self, layer: int) -> MoeLoraLayer:
@@ -142,10 +145,8 @@ class LoraBuffers:
                 start = self.alloc[key].alloc(slot, n)
                 assert start is not None
             l, p = key
-            if p in EXPERT_PROJS:
-                A, B = t[f"layers.{l}.experts.{p}.lora_A"], t[f"layers.{l}.experts.{p}.lora_B"]
-            else:
-                A, B = t[f"layers.{l}.self_attn.{p}.lora_A"], t[f"layers.{l}.self_attn.{p}.lora_B"]
+            A, B = t[tensor_key(l, p, "lora_A")], t[tensor_key(l, p, "lora_B")]
+            if p not in EXPERT_PROJS:
                 self.has_dense[key] = True
             self.a[key][start:start + n].copy_(A)
             self.b[key][start:start + n].copy_(B.T)
@@ -198,7 +199,7 @@ class LoraBuffers:
         for key in self.keys:
             self.offsets[key].copy_(self.offsets_host[key])
             self.ranks[key].copy_(self.ranks_host[key])
-            if key[1] in DENSE_PROJS:
+            if key[1] in self.dense_projs:
                 self.has_dense[key] = bool(self.ranks_host[key].any())
         bound = max(self.slot_ranks.values(), default=0)
         for m in self._moe:

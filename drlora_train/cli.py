@@ -32,7 +32,8 @@ def train_parser() -> Parser:
     d = TrainConfig(data="", output="")
     p = Parser(prog=PROG, description="Train a DR-LoRA (or uniform / static) MoE expert LoRA adapter.")
     a = p.add_argument
-    a("--model", default=d.model, help="tiny, an alias (olmoe), a local HF folder or a hub id")
+    a("--model", default=d.model, help="tiny, tiny-qwen3-moe, tiny-qwen2-moe, tiny-mixtral, an alias (olmoe, "
+      "qwen3-moe, qwen2-moe, mixtral), a local HF folder or a hub id")
     a("--data", required=True, help="JSONL: prompt+completion, messages or text records")
     a("--output", required=True, help="adapter folder to write")
     a("--method", default=d.method, choices=["drlora", "lora", "static"])
@@ -47,6 +48,8 @@ def train_parser() -> Parser:
     g.add_argument("--targets", default=",".join(d.targets), help="comma list of gate,up,down")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * r-max: scale 2)")
     g.add_argument("--train-router", action="store_true", help="train the router after warm-up (paper default; off here)")
+    g.add_argument("--shared-rank", type=int, default=d.shared_rank,
+                   help="Qwen2-MoE: uniform LoRA of this rank on the shared expert's --targets (default 0: none)")
     o = p.add_argument_group("optimisation")
     for name, typ in (("max_steps", int), ("batch_size", int), ("lr", float), ("warmup_ratio", float),
                       ("weight_decay", float), ("max_grad_norm", float), ("max_length", int), ("seed", int)):

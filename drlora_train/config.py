@@ -29,6 +29,7 @@ class TrainConfig:
     targets: tuple[str, ...] = ("up", "down")
     alpha: float | None = None  # None: 2 * r_max (scale 2)
     train_router: bool = False
+    shared_rank: int = 0  # Qwen2-MoE: uniform LoRA of this rank on the shared expert's targets (0: none)
     # optimisation
     max_steps: int = 200
     batch_size: int = 8
@@ -64,8 +65,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "t_grow", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.t_buffer < 0 or self.checkpoint_every < 0:
-            raise ConfigError("--t-buffer and --checkpoint-every must be >= 0")
+        if self.t_buffer < 0 or self.checkpoint_every < 0 or self.shared_rank < 0:
+            raise ConfigError("--t-buffer, --checkpoint-every and --shared-rank must be >= 0")
         if not (0 < self.p_grow <= 1):
             raise ConfigError(f"--p-grow must be in (0, 1], got {self.p_grow}")
         if not (0 <= self.beta < 1):

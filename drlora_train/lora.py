@@ -1,6 +1,10 @@
-"""LoRA on OLMoE's fused experts, allocated at r_max with a per-expert active-rank mask.
+"""LoRA on transformers v5's fused experts, allocated at r_max with a per-expert active-rank mask.
 
-Each wrapped layer keeps the frozen base `OlmoeExperts` and adds, per target projection p,
+Every supported family (OLMoE, Qwen3-MoE, Qwen2-MoE, Mixtral) has the same experts module in
+transformers v5 (`mlp.experts`: `gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), `act_fn`,
+forward(hidden, top_k_index, top_k_weights)) beside its router `mlp.gate`; dense-MLP layers (Qwen
+MoE `mlp_only_layers`) have none and are left alone, and so is Qwen2-MoE's shared expert.
+Each wrapped layer keeps the frozen base experts module and adds, per target projection p,
 A_p (E, r_max, in) (Kaiming-uniform) and B_p (E, out, r_max) (zero). One boolean mask
 (E, r_max) per layer marks the active ranks; all projections of an expert share it. The
 active ranks of expert e are always the prefix [0, r_e) (growth appends, trimming pops), so
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from drlora.adapter_format import EXPERT_PROJS
+from drlora.adapter_format import EXPERT_PROJS, key
 
 
 @dataclass(frozen=True)
@@ -33,10 +37,11 @@ class LoraSpec:
 
 
 class MoeLoraExperts(nn.Module):
-    """Drop-in replacement of `OlmoeExperts` (same forward signature) with masked LoRA."""
+    """Drop-in replacement of a v5 experts module (same forward signature) with masked LoRA."""
 
-    def __init__(self, base: nn.Module, spec: LoraSpec):
+    def __init__(self, base: nn.Module, spec: LoraSpec, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # index in model.model.layers (dense-MLP layers are skipped)
         for p in spec.targets:
             if p not in EXPERT_PROJS:
                 raise ValueError(f"unknown expert projection '{p}' (expected {EXPERT_PROJS})")
@@ -200,15 +205,63 @@ class MoeLoraExperts(nn.Module):
         self.route_tokens.zero_()
 
 
+class LoraLinear(nn.Module):
+    """A frozen nn.Linear plus a plain LoRA of fixed rank (Qwen2-MoE's shared expert):
+    y = base(x) + scaling * x @ A.T @ B.T, A (r, in) Kaiming-uniform, B (out, r) zero."""
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, layer_idx: int, proj: str):
+        super().__init__()
+        self.base, self.scaling, self.layer_idx, self.proj = base, scaling, layer_idx, proj
+        base.weight.requires_grad_(False)
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(base.in_features)
+            self.lora_A.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_A.T.to(x.dtype)) @ self.lora_B.T.to(x.dtype) * self.scaling
+
+
+def attach_shared_lora(model: nn.Module, rank: int, targets: tuple[str, ...], scaling: float) -> list[LoraLinear]:
+    """LoRA of `rank` on the shared expert's gate/up/down_proj named in targets, every layer
+    that has one (in place). The expert-rank budget does not count these ranks."""
+    out = []
+    for l, layer in enumerate(model.model.layers):
+        sh = getattr(getattr(layer, "mlp", None), "shared_expert", None)
+        if sh is None:
+            continue
+        for p in targets:
+            mod = LoraLinear(getattr(sh, f"{p}_proj"), rank, scaling, l, f"shared_{p}")
+            setattr(sh, f"{p}_proj", mod)
+            out.append(mod)
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no shared expert (--shared-rank is for Qwen2-MoE)")
+    return out
+
+
+def has_experts(layer: nn.Module) -> bool:
+    """The layer has a routed-experts module (a v5 fused one, or one already wrapped)."""
+    ex = getattr(getattr(layer, "mlp", None), "experts", None)
+    return isinstance(ex, MoeLoraExperts) or (hasattr(ex, "gate_up_proj") and hasattr(ex, "down_proj"))
+
+
 def attach_lora(model: nn.Module, spec: LoraSpec) -> list[MoeLoraExperts]:
-    """Freeze the model and swap every layer's experts for a MoeLoraExperts (in place)."""
+    """Freeze the model and swap the experts of every layer that has experts for a
+    MoeLoraExperts (in place); returns them in layer order."""
     for prm in model.parameters():
         prm.requires_grad_(False)
     wrapped = []
-    for layer in model.model.layers:
-        mod = MoeLoraExperts(layer.mlp.experts, spec)
+    for l, layer in enumerate(model.model.layers):
+        if not has_experts(layer):
+            continue  # a dense-MLP layer: no experts, no LoRA
+        mod = MoeLoraExperts(layer.mlp.experts, spec, l)
         layer.mlp.experts = mod
         wrapped.append(mod)
+    if not wrapped:
+        raise ValueError(f"{type(model).__name__} has no fused experts module (mlp.experts.gate_up_proj) "
+                         "in any layer: not a supported MoE model")
     return wrapped
 
 
@@ -217,20 +270,29 @@ def lora_parameters(layers: list[MoeLoraExperts]) -> list[nn.Parameter]:
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [layer.mlp.gate.weight for layer in model.model.layers]
+    return [layer.mlp.gate.weight for layer in model.model.layers if has_experts(layer)]
 
 
 def all_ranks(layers: list[MoeLoraExperts]) -> torch.Tensor:
-    return torch.stack([m.ranks().cpu() for m in layers])  # L, E
+    return torch.stack([m.ranks().cpu() for m in layers])  # L', E  (the layers with experts)
+
+
+def full_ranks(ranks: torch.Tensor, layers: list[MoeLoraExperts], num_layers: int) -> torch.Tensor:
+    """(L', E) ranks of the wrapped layers as (L, E) over every layer, 0 on dense-MLP layers."""
+    out = torch.zeros(num_layers, ranks.shape[1], dtype=ranks.dtype)
+    out[[m.layer_idx for m in layers]] = ranks
+    return out
 
 
 @torch.no_grad()
 def adapter_tensors(layers: list[MoeLoraExperts], model: nn.Module | None = None,
-                    train_router: bool = False) -> dict[str, torch.Tensor]:
+                    train_router: bool = False, shared: list[LoraLinear] = ()) -> dict[str, torch.Tensor]:
     """Pack the active ranks into the adapter format's tensors (see drlora.adapter_format)."""
     out: dict[str, torch.Tensor] = {}
-    for l, m in enumerate(layers):
-        r = m.ranks().tolist()
+    for m in shared:
+        out[key(m.layer_idx, m.proj, "lora_A")], out[key(m.layer_idx, m.proj, "lora_B")] = m.lora_A, m.lora_B
+    for m in layers:
+        l, r = m.layer_idx, m.ranks().tolist()
         for p in m.spec.targets:
             A, B = m.lora_A[p], m.lora_B[p]
             out[f"layers.{l}.experts.{p}.lora_A"] = torch.cat([A[e, :r[e]] for e in range(len(r))])

@@ -18,10 +18,16 @@ LOG_NAME = "train_log.jsonl"
 
 
 def build_config(base_model: str, shape: MoeShape, ranks: torch.Tensor, targets: tuple[str, ...],
-                 scaling: float, train_router: bool, provenance: dict) -> AdapterConfig:
+                 scaling: float, train_router: bool, provenance: dict, shared_rank: int = 0) -> AdapterConfig:
+    """ranks: (L, E) over every layer. shared_rank: the shared expert's LoRA rank on its
+    targets, on every layer that has experts (Qwen2-MoE)."""
     per_layer = [[int(x) for x in row] for row in ranks.tolist()]
+    dense = {}
+    if shared_rank:
+        dense = {f"shared_{p}": [shared_rank if shape.is_sparse(l) else 0 for l in range(shape.num_hidden_layers)]
+                 for p in targets}
     return AdapterConfig(base_model=base_model, base_shape=shape, method=provenance["method"],
-                         scaling=float(scaling), ranks={p: per_layer for p in targets},
+                         scaling=float(scaling), ranks={p: per_layer for p in targets}, dense_ranks=dense,
                          train_router=train_router, dtype="float32", provenance=provenance)
 
 

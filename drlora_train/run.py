@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from drlora.families import UnsupportedModelError, get_family
 from drlora.models import MoeShape, resolve_model, weights_fingerprint
 from drlora_train import checkpoint as ckpt
 from drlora_train import distributed as dd
@@ -15,11 +16,11 @@ from drlora_train.config import ConfigError, TrainConfig
 from drlora_train.data import load_data
 from drlora_train.evaluate import EvalConfig, evaluate
 from drlora_train.growth import GrowthParams
-from drlora_train.lora import LoraSpec, all_ranks, attach_lora
+from drlora_train.lora import LoraSpec, all_ranks, attach_lora, attach_shared_lora
 from drlora_train.report import JsonlLog, LOG_NAME, build_config, push, write_outputs
 from drlora_train.saliency import SaliencyState
 from drlora_train.trainer import (Run, checkpoint_state, describe, final_tensors, growth_event,
-                                  init_ranks, make_optimizer, plan, restore, train_step)
+                                  init_ranks, make_optimizer, plan, ranks_table, restore, train_step)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,17 +71,24 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output)
     mpath = resolve_model(cfg.model)
     shape = MoeShape.from_model_dir(mpath)
+    try:
+        get_family(shape.model_type)
+    except UnsupportedModelError as exc:
+        raise ConfigError(f"--model {cfg.model}: {exc}") from None
+    if cfg.shared_rank and not shape.shared_expert_intermediate_size:
+        raise ConfigError(f"--shared-rank: {cfg.model} ({shape.model_type}) has no shared expert")
     tok = load_tokenizer(mpath)
     train_ex, eval_ex = load_data(cfg.data, tok, cfg.max_length, cfg.eval_fraction, cfg.seed, cfg.eval_data)
     model = load_model(mpath, cfg, device)
     torch.manual_seed(cfg.seed)  # the LoRA init: identical on every process
     spec = LoraSpec(cfg.r_max, cfg.alpha, tuple(cfg.targets))
     layers = attach_lora(model, spec)
+    shared = attach_shared_lora(model, cfg.shared_rank, tuple(cfg.targets), spec.scaling) if cfg.shared_rank else []
     model.train()
     warm, sched = plan(cfg)
-    opt, lr_sched = make_optimizer(cfg, model, layers, cfg.max_steps, warm)
+    opt, lr_sched = make_optimizer(cfg, model, layers, cfg.max_steps, warm, shared)
     E, P = shape.num_experts, len(cfg.targets)
-    run = Run(model, layers, opt, lr_sched, SaliencyState.zeros(len(layers), P, E, cfg.r_max))
+    run = Run(model, layers, opt, lr_sched, SaliencyState.zeros(len(layers), P, E, cfg.r_max), shared=shared)
     gp = GrowthParams(cfg.r_init, cfg.r_target, cfg.r_max, cfg.p_grow)
     log = JsonlLog(out / LOG_NAME, d.main)
     state = ckpt.load(out) if cfg.resume else None
@@ -128,14 +136,15 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()
     secs = time.perf_counter() - t0
     if cfg.method != "drlora" or run.history[-1]["step"] != run.step:
-        run.history.append({"step": run.step, "grown": 0, "ranks": all_ranks(layers).tolist()})
+        run.history.append({"step": run.step, "grown": 0, "ranks": ranks_table(run).tolist()})
     metrics = evaluate(model, tok, eval_ex, EvalConfig(cfg.eval_max_examples, cfg.eval_max_new_tokens),
                        device)
     summary = {"output": str(out), "steps": run.step, "train_seconds": round(secs, 2),
-               "ranks": all_ranks(layers).tolist(), "eval": metrics}
+               "ranks": ranks_table(run).tolist(), "eval": metrics}
     if d.main:
         prov = {"trainer": "drlora_train", "method": cfg.method, "r_init": cfg.r_init,
-                "r_target": cfg.r_target, "r_max": cfg.r_max, "steps": run.step, "seed": cfg.seed,
+                "r_target": cfg.r_target, "r_max": cfg.r_max, "shared_rank": cfg.shared_rank,
+                "steps": run.step, "seed": cfg.seed,
                 "base_fingerprint": weights_fingerprint(mpath),
                 "data": str(Path(cfg.data).resolve()), "eval": metrics, "lr": cfg.lr,
                 "batch_size": cfg.batch_size, "world_size": d.world,
@@ -143,8 +152,8 @@ def train(cfg: TrainConfig) -> dict:
                            "beta": cfg.beta, "events": list(sched.events),
                            "frequency": cfg.frequency, "importance": cfg.importance}}
         base_name = str(mpath) if Path(cfg.model).exists() else cfg.model
-        acfg = build_config(base_name, shape, all_ranks(layers), tuple(cfg.targets), layers[0].scaling,
-                            cfg.train_router, prov)
+        acfg = build_config(base_name, shape, ranks_table(run), tuple(cfg.targets), layers[0].scaling,
+                            cfg.train_router, prov, cfg.shared_rank)
         write_outputs(out, acfg, final_tensors(run, cfg), run.history)
         log.write({"event": "done", **summary})
         say(f"wrote {out} ({acfg.total_ranks()} ranks, {acfg.num_parameters()} params) eval {metrics}", d)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,8 +18,8 @@ from drlora_train import distributed as dd
 from drlora_train.config import TrainConfig
 from drlora_train.data import IGNORE, collate, global_batch_indices
 from drlora_train.growth import GrowthParams, grow, initial_ranks, plan_schedule
-from drlora_train.lora import (MoeLoraExperts, adapter_tensors, all_ranks, lora_parameters,
-                               router_parameters)
+from drlora_train.lora import (LoraLinear, MoeLoraExperts, adapter_tensors, all_ranks, full_ranks,
+                               lora_parameters, router_parameters)
 from drlora_train.saliency import (SaliencyConfig, SaliencyState, reset_importance, saliency,
                                    step_frequency, update_frequency, update_importance)
 
@@ -35,6 +35,13 @@ class Run:
     stats: SaliencyState
     step: int = 0
     history: list | None = None
+    shared: list[LoraLinear] = field(default_factory=list)  # Qwen2-MoE shared-expert LoRA (--shared-rank)
+
+
+def ranks_table(run: Run) -> torch.Tensor:
+    """(L, E) ranks over every layer of the model (0 on dense-MLP layers): what the adapter,
+    the history and the summary report; growth works on the (L', E) layers with experts."""
+    return full_ranks(all_ranks(run.layers), run.layers, len(run.model.model.layers))
 
 
 def route_stats(layers: list[MoeLoraExperts], d: dd.Dist) -> tuple[torch.Tensor, ...]:
@@ -74,8 +81,9 @@ def base_routing_frequency(model, layers, examples, cfg: TrainConfig, pad_id: in
     return step_frequency(s, c, t, cfg.frequency)
 
 
-def make_optimizer(cfg: TrainConfig, model, layers, total: int, warmup: int):
-    params = lora_parameters(layers) + (router_parameters(model) if cfg.train_router else [])
+def make_optimizer(cfg: TrainConfig, model, layers, total: int, warmup: int, shared=()):
+    params = lora_parameters(layers) + [p for m in shared for p in (m.lora_A, m.lora_B)]
+    params += router_parameters(model) if cfg.train_router else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_lambda(step: int) -> float:  # linear warm-up, then linear decay to 0
@@ -133,7 +141,7 @@ def growth_event(run: Run, cfg: TrainConfig, gp: GrowthParams, n_events: int, la
         m.set_ranks(r)
     reset_importance(run.stats, new > ranks)
     return {"step": run.step, "grown": int((new - ranks).clamp_min(0).sum()),
-            "ranks": new.tolist()}
+            "ranks": ranks_table(run).tolist()}
 
 
 def checkpoint_state(run: Run, cfg: TrainConfig) -> dict:
@@ -141,6 +149,8 @@ def checkpoint_state(run: Run, cfg: TrainConfig) -> dict:
                  if k.startswith("lora_") or k == "mask"}
     if cfg.train_router:
         trainable.update({f"router.{l}": w.detach() for l, w in enumerate(router_parameters(run.model))})
+    for m in run.shared:
+        trainable.update({f"shared.{m.layer_idx}.{m.proj}.lora_A": m.lora_A, f"shared.{m.layer_idx}.{m.proj}.lora_B": m.lora_B})
     return {"step": run.step, "lora": {k: v.detach().cpu().clone() for k, v in trainable.items()},
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "stats": run.stats.state_dict(), "rng": ckpt.rng_state(), "history": run.history,
@@ -156,6 +166,9 @@ def restore(run: Run, state: dict, cfg: TrainConfig) -> None:
         if cfg.train_router:
             for l, w in enumerate(router_parameters(run.model)):
                 w.copy_(state["lora"][f"router.{l}"])
+        for m in run.shared:
+            m.lora_A.copy_(state["lora"][f"shared.{m.layer_idx}.{m.proj}.lora_A"])
+            m.lora_B.copy_(state["lora"][f"shared.{m.layer_idx}.{m.proj}.lora_B"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.stats.load_state_dict(state["stats"])
@@ -180,11 +193,11 @@ def init_ranks(run: Run, cfg: TrainConfig, gp: GrowthParams, examples, pad_id, d
         freq = base_routing_frequency(run.model, run.layers, examples, cfg, pad_id, device, d)
     for m, r in zip(run.layers, initial_ranks(cfg.method, L, E, gp, freq)):
         m.set_ranks(r)
-    run.history = [{"step": 0, "grown": 0, "ranks": all_ranks(run.layers).tolist()}]
+    run.history = [{"step": 0, "grown": 0, "ranks": ranks_table(run).tolist()}]
 
 
 def final_tensors(run: Run, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    return adapter_tensors(run.layers, run.model, cfg.train_router)
+    return adapter_tensors(run.layers, run.model, cfg.train_router, run.shared)
 
 
 def plan(cfg: TrainConfig):

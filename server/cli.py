@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="drlora-serve", description="OpenAI-compatible server for MoE LoRA adapters "
                 "with per-expert ranks (vLLM's multi-LoRA API).")
     a = p.add_argument
-    a("--model", default="tiny", help="tiny, an alias (olmoe, olmoe-instruct), a folder or a hub id")
+    a("--model", default="tiny", help="tiny, tiny-qwen3-moe, tiny-qwen2-moe, tiny-mixtral, an alias (olmoe, "
+      "olmoe-instruct, qwen3-moe, qwen2-moe, mixtral), a folder or a hub id")
     a("--served-model-name", default=None, help="name of the base model in the API (default: --model)")
     a("--adapters", default=None, help="folder whose subfolders are adapters; watched for changes")
     a("--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=PATH",
@@ -134,7 +135,7 @@ def _configure(parser, args):
     from drlora.models import ModelNotFoundError, resolve_model
 
     try:
-        model_path = str(resolve_model(args.model))
+        model_path = str(resolve_model(args.model, dummy=args.load_format == "dummy"))
     except ModelNotFoundError as exc:
         parser.error(f"--model: {exc}")
     adapters = None

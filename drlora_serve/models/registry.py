@@ -1,4 +1,5 @@
-"""model_type (config.json) -> serving model class. Add Qwen-MoE or Mixtral here."""
+"""model_type (config.json) -> serving model class. Every supported family shares the routed-
+expert decoder in models/moe.py; their differences are described in drlora.families."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import importlib
 
 _MODELS = {
     "olmoe": ("drlora_serve.models.olmoe", "OlmoeForServing"),
+    "qwen3_moe": ("drlora_serve.models.moe", "MoeForServing"),
+    "qwen2_moe": ("drlora_serve.models.moe", "MoeForServing"),
+    "mixtral": ("drlora_serve.models.moe", "MoeForServing"),
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from drlora.adapter_format import AdapterConfig, write_adapter
+from drlora.adapter_format import AdapterConfig, key, write_adapter
 from drlora.models import MoeShape
 
 from drlora_serve.config import EngineArgs
@@ -12,29 +12,41 @@ from drlora_serve.engine import LLMEngine
 
 
 def make_adapter(path, shape: MoeShape, seed: int, max_rank: int = 8, dense: bool = False, router: bool = False,
-                 scaling: float = 2.0, std: float = 0.05, targets=("gate", "up", "down"), fixed_rank: int | None = None):
-    """Random non-zero adapter; per-(layer, expert) ranks drawn in [0, max_rank] (some zero)."""
+                 scaling: float = 2.0, std: float = 0.05, targets=("gate", "up", "down"), fixed_rank: int | None = None,
+                 shared: bool = False):
+    """Random non-zero adapter; per-(layer, expert) ranks drawn in [0, max_rank] (some zero; all
+    zero on dense-MLP layers). `shared`: dense LoRA on a Qwen2-MoE shared expert too."""
     g = torch.Generator().manual_seed(seed)
     L, E = shape.num_hidden_layers, shape.num_experts
     ranks = {p: [[int(x) for x in torch.randint(0, max_rank + 1, (E,), generator=g)] for _ in range(L)] for p in targets}
     if fixed_rank is not None:
         ranks = {p: [[fixed_rank] * E for _ in range(L)] for p in targets}
+    for per_layer in ranks.values():
+        for l in shape.dense_layers:
+            per_layer[l] = [0] * E
     dense_ranks = {p: [int(x) for x in torch.randint(1, 5, (L,), generator=g)] for p in ("q_proj", "v_proj", "o_proj")} if dense else {}
+    if shared:
+        dense_ranks |= {p: [0 if l in shape.dense_layers else int(torch.randint(1, 7, (), generator=g)) for l in range(L)]
+                        for p in ("shared_gate", "shared_up", "shared_down")}
     cfg = AdapterConfig(base_model="tiny", base_shape=shape, method="dr-lora", scaling=scaling, ranks=ranks,
                         dense_ranks=dense_ranks, train_router=router)
     tensors = {}
     for p, per_layer in ranks.items():
         i, o = shape.proj_dims(p)
         for l, r in enumerate(per_layer):
+            if l in shape.dense_layers:
+                continue
             tensors[f"layers.{l}.experts.{p}.lora_A"] = torch.randn(sum(r), i, generator=g) * std
             tensors[f"layers.{l}.experts.{p}.lora_B"] = torch.randn(o, sum(r), generator=g) * std
     for p, r in dense_ranks.items():
         i, o = shape.proj_dims(p)
         for l in range(L):
-            tensors[f"layers.{l}.self_attn.{p}.lora_A"] = torch.randn(r[l], i, generator=g) * std
-            tensors[f"layers.{l}.self_attn.{p}.lora_B"] = torch.randn(o, r[l], generator=g) * std
+            if p.startswith("shared_") and l in shape.dense_layers:
+                continue
+            tensors[key(l, p, "lora_A")] = torch.randn(r[l], i, generator=g) * std
+            tensors[key(l, p, "lora_B")] = torch.randn(o, r[l], generator=g) * std
     if router:
-        for l in range(L):
+        for l in shape.sparse_layers:
             tensors[f"layers.{l}.router.weight"] = torch.randn(E, shape.hidden_size, generator=g) * 0.1
     return write_adapter(path, cfg, tensors)
 

@@ -156,3 +156,17 @@ def test_retrieve_model_with_the_openai_client(tokenizer, tmp_path):
             client.models.retrieve("nope/missing")
         assert e.value.body == {"message": "The model `nope/missing` does not exist.", "type": "NotFoundError",
                                 "param": "model", "code": 404}
+
+
+def test_dummy_load_format_resolves_an_alias_to_its_preset_without_the_hub(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from drlora.models import PRESETS
+    from server.cli import configure
+
+    monkeypatch.setenv("DRLORA_HOME", str(tmp_path))
+    eargs, cfg = configure(["--model", "qwen3-moe", "--load-format", "dummy"])
+    folder = Path(cfg.model_path)
+    assert folder.is_relative_to(tmp_path) and (folder / "tokenizer.json").is_file() and eargs.model == "qwen3-moe"
+    assert json.loads((folder / "config.json").read_text()) == PRESETS["qwen3-moe"]

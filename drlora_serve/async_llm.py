@@ -31,6 +31,8 @@ from drlora_serve.config import EngineArgs
 from drlora_serve.core_proc import run_engine_core
 from drlora_serve.engine import load_tokenizer
 from drlora_serve.output_processor import OutputProcessor, RequestState
+from drlora_serve.preprocess import prepare
+from drlora_serve.structured import GrammarValidator
 from drlora_serve.protocol import (
     Abort,
     AddRequest,
@@ -64,6 +66,7 @@ class AsyncLLM:
         self.model_name = args.served_model_name or args.model
         self.log_level = log_level
         self.processor = OutputProcessor(self.tokenizer, self.eos_token_id)
+        self.grammars = GrammarValidator()
         self.info: EngineInfo | None = None
         self.max_model_len = 0  # known once started
         self.dead = False
@@ -158,8 +161,9 @@ class AsyncLLM:
                  adapter: str | None = None):
         if not self._accepting or self.dead:
             raise InvalidRequestError("the engine is shutting down" if not self.dead else "the engine core is dead")
-        params.validate()
         info = self.info
+        params, prompt_token_ids = prepare(params, list(prompt_token_ids), self.tokenizer, info.vocab_size,
+                                           info.max_model_len, self.grammars)
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty")

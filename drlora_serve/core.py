@@ -12,6 +12,7 @@ core_proc.py. Not thread safe.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from drlora_serve.model_runner import LaunchedStep, ModelRunner
 from drlora_serve.protocol import EngineInfo, PromptLogprobs, RequestFailed, StepOutputs, error_fields
 from drlora_serve.scheduler import Scheduler
 from drlora_serve.sequence import Request, Sequence, SeqStatus
+from drlora_serve.structured import GrammarEngine
 from drlora_serve.types import AdapterInfo, EngineStats, InvalidRequestError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, args: EngineArgs, model_dir: Path | None = None, runner: ModelRunner | None = None,
-                 eos_token_id: int | None = None):
+                 eos_token_id: int | None = None, tokenizer=None):
         self.args = args
         if args.cpu_threads:
             torch.set_num_threads(args.cpu_threads)
@@ -55,6 +57,9 @@ class EngineCore:
         self.inflight: LaunchedStep | None = None
         self._finished: list[tuple[int, str]] = []  # finishes not yet reported
         self._failed: list[RequestFailed] = []
+        self._tokenizer = tokenizer  # for grammars (loaded from the model folder when not given)
+        self._grammars: GrammarEngine | None = None
+        self._compiling: list[Request] = []  # requests waiting for their grammar
         if args.adapters_dir:
             for sub in sorted(Path(args.adapters_dir).iterdir()):
                 if sub.is_dir():
@@ -86,6 +91,7 @@ class EngineCore:
         need = self.blocks.blocks_for(n + params.max_tokens)
         if need > self.blocks.num_blocks:
             raise InvalidRequestError(f"request needs {need} KV blocks but the cache has {self.blocks.num_blocks}")
+        params.check_vocab(vocab)
         version = self.pool.acquire(adapter) if adapter is not None else None  # AdapterNotFoundError
         req = Request(request_id, key, list(prompt_token_ids), params, adapter, version,
                       arrival if arrival is not None else time.monotonic(), self.max_model_len,
@@ -93,8 +99,45 @@ class EngineCore:
         self.requests[request_id] = req
         for seq in req.seqs:
             self.seqs[seq.key] = seq
-            self.scheduler.add(seq)
+        if params.structured_outputs is not None:  # scheduled once its grammar is compiled
+            req.grammar = self.grammars.compile(params.structured_outputs)
+            self._compiling.append(req)
+        else:
+            for seq in req.seqs:
+                self.scheduler.add(seq)
         return req
+
+    @property
+    def grammars(self) -> GrammarEngine:
+        if self._grammars is None:
+            def load():
+                if self._tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+                return self._tokenizer
+
+            self._grammars = GrammarEngine(load, self.vocab_size, self.args.max_num_seqs,
+                                           pin=self.runner.device.type == "cuda")
+        return self._grammars
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar is ready join the scheduler (a bad grammar fails them)."""
+        waiting = []
+        for req in self._compiling:
+            fut = req.grammar
+            if not fut.done():
+                waiting.append(req)
+            elif not req.finished:  # (aborted meanwhile: nothing to do)
+                exc = fut.exception()
+                if exc is not None:
+                    self.fail_request(req, exc)
+                    continue
+                for seq in req.seqs:
+                    if not seq.is_finished:
+                        seq.grammar = GrammarEngine.matcher(fut.result())
+                        self.scheduler.add(seq)
+        self._compiling = waiting
 
     def abort(self, request_id: str) -> bool:
         """Finish every unfinished sequence of the request ("abort"); False if unknown."""
@@ -145,6 +188,13 @@ class EngineCore:
     # ------------------------------------------------------------------ step
     def step(self) -> StepOutputs:
         out = StepOutputs([], [])
+        if self._compiling:
+            self._admit_compiled()
+            if self._compiling and self.inflight is None and not self.scheduler.has_work():
+                # nothing else to do: wait a little for a grammar rather than spin
+                concurrent.futures.wait([r.grammar for r in self._compiling], timeout=0.005,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                self._admit_compiled()
         batch = self.scheduler.schedule()
         for s in batch.preempted:
             self.runner.release(s)
@@ -156,15 +206,39 @@ class EngineCore:
             launched = self.runner.launch(batch)
         if self.args.async_scheduling:
             done, self.inflight = self.inflight, launched
+            if done is not None:
+                self._process(done, out)
+            if launched is not None and launched.sampled is None:
+                self._sample_constrained(launched)
         else:
-            done = launched
-        if done is not None:
-            self._process(done, out)
+            if launched is not None and launched.sampled is None:
+                self._sample_constrained(launched)
+            if launched is not None:
+                self._process(launched, out)
         if self._finished:
             out.finished, self._finished = self._finished, []
         if self._failed:
             out.failed, self._failed = self._failed, []
         return out
+
+    def _sample_constrained(self, step: LaunchedStep) -> None:
+        """Fill the grammar masks of the step's constrained rows (their matchers are up to
+        date: every earlier token has been processed) and launch its sampling."""
+        rows, mask, ended = self.grammars.fill(step.sampling.constrained)
+        self.runner.sample(step, (rows, mask), ended)
+
+    def _advance_grammars(self, seqs: list[Sequence], tokens: list[int]) -> list[int]:
+        """Advance the matchers of constrained sequences with their accepted tokens; the
+        indices of tokens a grammar refused (only when no allowed token was left to sample:
+        e.g. allowed_token_ids or bad_words excluding all the grammar allows)."""
+        refused = []
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            m = seq.grammar
+            if m is not None and not m.consume_token(tok):
+                log.warning("request %s: token %d refused by its grammar; the sequence is aborted",
+                            seq.request.request_id, tok)
+                refused.append(i)
+        return refused
 
     def _process(self, step: LaunchedStep, out: StepOutputs) -> None:
         """Read a launched step's results and apply them: append tokens, finish sequences,
@@ -172,7 +246,13 @@ class EngineCore:
         res = step.wait()
         seqs, tokens = step.sample_seqs, res.tokens
         finished = SeqStatus.FINISHED
-        if any(s.status is finished for s in seqs):  # ended while this step ran: drop their rows
+        drop = any(s.status is finished for s in seqs)  # ended while this step ran: drop their rows
+        if step.sampling is not None and step.sampling.constrained is not None:
+            live = [i for i, s in enumerate(seqs) if s.status is not finished]
+            for j in self._advance_grammars([seqs[i] for i in live], [tokens[i] for i in live]):
+                self._finish(seqs[live[j]], "abort")
+                drop = True
+        if drop:
             keep = [i for i, s in enumerate(seqs) if s.status is not finished]
             seqs, tokens = [seqs[i] for i in keep], [tokens[i] for i in keep]
             if res.logprob is not None:
@@ -209,8 +289,8 @@ class EngineCore:
         for seq in step.chunk_seqs:
             if not seq.is_finished:
                 self.blocks.commit(seq)
-        for seq, first, lp, ti, tv in res.prompt:
-            out.prompt_logprobs.append(PromptLogprobs(seq.key, first, lp, ti, tv))
+        for seq, first, lp, ti, tv, rk in res.prompt:
+            out.prompt_logprobs.append(PromptLogprobs(seq.key, first, lp, ti, tv, rk))
 
     # ------------------------------------------------------------------ adapters & stats
     def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:

@@ -16,6 +16,8 @@ from drlora_serve.config import EngineArgs
 from drlora_serve.core import EngineCore
 from drlora_serve.model_runner import ModelRunner
 from drlora_serve.output_processor import OutputProcessor
+from drlora_serve.preprocess import prepare
+from drlora_serve.structured import GrammarValidator
 from drlora_serve.types import AdapterInfo, EngineStats, InvalidRequestError, RequestOutput, SamplingParams
 
 
@@ -33,8 +35,9 @@ class LLMEngine:
             args.model, dummy=args.load_format == "dummy")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         eos = self.tokenizer.eos_token_id
-        self.core = EngineCore(args, self.model_dir, runner, eos_token_id=eos)
+        self.core = EngineCore(args, self.model_dir, runner, eos_token_id=eos, tokenizer=self.tokenizer)
         self.processor = OutputProcessor(self.tokenizer, eos)
+        self.grammars = GrammarValidator()
         self.model_name = self.core.model_name
         self.max_model_len = self.core.max_model_len
         self.eos_token_id = eos
@@ -61,8 +64,9 @@ class LLMEngine:
                     adapter: str | None = None) -> None:
         if request_id in self.processor.requests:
             raise InvalidRequestError(f"request id '{request_id}' is already in use")
-        params.validate()
-        req = self.processor.add_request(request_id, list(prompt_token_ids), params, adapter)
+        params, ids = prepare(params, list(prompt_token_ids), self.tokenizer, self.core.vocab_size,
+                              self.max_model_len, self.grammars)
+        req = self.processor.add_request(request_id, ids, params, adapter)
         try:
             self.core.add_request(request_id, req.key, req.prompt_token_ids, params, adapter)
         except BaseException:

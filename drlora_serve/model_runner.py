@@ -29,7 +29,8 @@ from drlora_serve.context import ForwardContext, PrefillBatch
 from drlora_serve.kv_cache import CPU_DEFAULT_BLOCKS, KVCache, bytes_per_block, num_blocks_for_memory
 from drlora_serve.lora_buffers import LoraBuffers
 from drlora_serve.models.registry import get_model_class, load_model_class
-from drlora_serve.sampler import Sampler, SamplerOutput, SamplingBatch, build_sampling_batch
+from drlora_serve.logits_processors import SamplingState, min_tokens_pairs, needs_state
+from drlora_serve.sampler import Sampler, SamplerOutput, SamplingBatch, StepExtras, build_sampling_batch
 from drlora_serve.scheduler import ScheduledBatch
 from drlora_serve.sequence import Sequence
 from drlora_serve.weights import torch_dtype
@@ -44,8 +45,9 @@ class StepResult:
     top_ids: list[list[int]] | None = None  # (N, K)
     top_logprobs: list[list[float]] | None = None
     # per prompt chunk asking prompt logprobs: (seq, first predicted position, logprobs of the
-    # next prompt tokens, top ids, top logprobs)
-    prompt: list[tuple[Sequence, int, list[float], list[list[int]], list[list[float]]]] = field(default_factory=list)
+    # next prompt tokens, top ids, top logprobs, ranks of the prompt tokens)
+    prompt: list[tuple[Sequence, int, list[float], list[list[int]], list[list[float]], list[int]]] = \
+        field(default_factory=list)
 
 
 @dataclass
@@ -54,10 +56,11 @@ class LaunchedStep:
     sample_seqs: list[Sequence]  # row i of the samples -> its sequence
     end_seqs: list[Sequence]  # chunks that computed a sequence's last token without sampling
     chunk_seqs: list[Sequence]  # the other prefill chunks that do not sample
-    sampled: SamplerOutput  # device tensors
+    sampled: SamplerOutput | None  # device tensors (None: sampling not launched yet)
     sample_logits: torch.Tensor | None  # (N, V) fp32 (kept for tests and debugging)
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]]  # (seq, first position, (m, V) logits)
-    prompt_lp: list[tuple[Sequence, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+    prompt_lp: list[tuple[Sequence, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]]
+    sampling: SamplingBatch | None = None
     host_tokens: torch.Tensor | None = None  # (N,) copy on the host (pinned on CUDA)
     host_lp: tuple | None = None
     event: object | None = None  # completion event (None: already complete)
@@ -73,9 +76,9 @@ class LaunchedStep:
             res.logprob = lp[:n].tolist()
             if ti is not None:
                 res.top_ids, res.top_logprobs = ti[:n].tolist(), tv[:n].tolist()
-        for seq, start, lp, ti, tv in self.prompt_lp:
+        for seq, start, lp, ti, tv, rk in self.prompt_lp:
             res.prompt.append((seq, start, lp.tolist(), ti.tolist() if ti is not None else None,
-                               tv.tolist() if tv is not None else None))
+                               tv.tolist() if tv is not None else None, rk.tolist()))
         return res
 
 
@@ -130,6 +133,7 @@ class ModelRunner:
         self.max_model_len = min(args.max_model_len or self.model.max_positions, self.model.max_positions)
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
         self.sampler = Sampler(self.device, args.seed)
+        self.sampling_state = SamplingState(args.max_num_seqs, self.vocab_size, self.device)
         # persistent host state: two input buffer sets, a block-table mirror per sequence row
         pin = self.device.type == "cuda"
         T, S, MB = args.max_num_batched_tokens + args.max_num_seqs, args.max_num_seqs, self.max_blocks_per_seq
@@ -172,6 +176,8 @@ class ModelRunner:
             r = seq.row = self._free_rows.pop()
             v = seq.request.adapter_version
             self._row_slot[r] = v.slot if v is not None else -1
+            if needs_state(seq):  # penalties / bad words: the row's past on the device
+                self.sampling_state.admit(r, seq)
         bt = seq.block_table
         n = self._table_len[r]
         if len(bt) != n:
@@ -306,26 +312,51 @@ class ModelRunner:
         for i, s in enumerate(sample_seqs):
             s.sample_row = i
         logits = None
+        step = LaunchedStep(self._step_id, sample_seqs, end_seqs, chunk_seqs, None, None, [], [])
         if sample_seqs:
-            logits = self.model.compute_logits(hidden[sample_rows])
+            step.sample_logits = self.model.compute_logits(hidden[sample_rows])
             key = tuple(s.key for s in sample_seqs)
             if key != self._sampling_key:  # decode steps usually repeat the batch
                 self._sampling_key, self._sampling = key, build_sampling_batch(sample_seqs, self.vocab_size, self.device)
-            sampled = self.sampler(logits, self._sampling)
+            step.sampling = self._sampling
+        self._prompt_logprobs(batch, hidden, step)
+        self._prev = step
+        if step.sampling is None or step.sampling.constrained is None:
+            self.sample(step)
+        # else: the core fills the grammar masks once the previous step's tokens are known,
+        # while this forward runs, then calls sample()
+        return step
+
+    @torch.inference_mode()
+    def sample(self, step: LaunchedStep, grammar: tuple[list[int], torch.Tensor] | None = None,
+               skip_min_tokens: set[int] | None = None) -> None:
+        """Enqueue the step's sampling and the copies of its results to the host.
+        grammar: (rows, (Nc, W32) int32 host bitmask) for the constrained rows;
+        skip_min_tokens: rows whose grammar allows only its end (the grammar wins)."""
+        b, n = step.sampling, len(step.sample_seqs)
+        if n:
+            extras = None
+            mt = min_tokens_pairs(b.controls, skip_min_tokens) if b.controls is not None else None
+            if grammar is not None or mt is not None:
+                dev = self.device
+                extras = StepExtras()
+                if mt is not None:
+                    extras.min_tokens = (torch.tensor(mt[0], dtype=torch.long, device=dev),
+                                         torch.tensor(mt[1], dtype=torch.long, device=dev))
+                if grammar is not None:
+                    extras.grammar_rows = torch.tensor(grammar[0], dtype=torch.long, device=dev)
+                    extras.bitmask = grammar[1].to(dev, non_blocking=True)
+            sampled = self.sampler(step.sample_logits, b, self.sampling_state, extras)
         else:
             sampled = SamplerOutput(torch.empty(0, dtype=torch.long, device=self.device))
-        step = LaunchedStep(self._step_id, sample_seqs, end_seqs, chunk_seqs, sampled, logits, [], [])
-        self._prompt_logprobs(batch, hidden, step)
-        n = len(sample_seqs)
-        host = self._out_host[self._step_id % 2]
+        step.sampled = sampled
+        host = self._out_host[step.step_id % 2]
         step.host_tokens = host[:n]
         step.host_tokens.copy_(sampled.tokens, non_blocking=True)
         if sampled.logprob is not None:
             step.host_lp = tuple(t.to("cpu", non_blocking=True) if t is not None else None
                                  for t in (sampled.logprob, sampled.top_ids, sampled.top_logprobs))
         step.event = self._record_event()
-        self._prev = step
-        return step
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor, step: LaunchedStep) -> None:
         """Logprobs of the prompt tokens each chunk predicts, for requests that asked."""
@@ -344,10 +375,12 @@ class ModelRunner:
                 nxt = torch.tensor(s.token_ids[first:last + 1], dtype=torch.long, device=lp.device)
                 k = s.request.params.prompt_logprobs
                 top = torch.topk(lp, k, dim=-1) if k else None
+                chosen = lp.gather(1, nxt[:, None])  # (m, 1)
+                rank = (lp >= chosen).sum(dim=1)  # vLLM's rank: tokens at least as likely, itself included
                 step.prompt_logits.append((s, first - 1, logits))
-                step.prompt_lp.append((s, first, lp.gather(1, nxt[:, None]).squeeze(1).cpu(),
+                step.prompt_lp.append((s, first, chosen.squeeze(1).cpu(),
                                        top.indices.cpu() if top is not None else None,
-                                       top.values.cpu() if top is not None else None))
+                                       top.values.cpu() if top is not None else None, rank.cpu()))
                 s.num_scored_prompt = last + 1
             row += n
 

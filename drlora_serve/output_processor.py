@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-from drlora_serve.detokenizer import IncrementalDetokenizer, decode_all
+from drlora_serve.detokenizer import IncrementalDetokenizer, added_tokens, decode_all
 from drlora_serve.protocol import StepOutputs, error_from
 from drlora_serve.types import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 
@@ -50,7 +50,7 @@ class RequestState:
                  "last_token_at", "step_tokens")
 
     def __init__(self, request_id: str, key: int, prompt_token_ids: list[int], params: SamplingParams,
-                 adapter: str | None, tokenizer, eos_token_id: int | None):
+                 adapter: str | None, tokenizer, eos_token_id: int | None, added: dict[int, str] | None = None):
         self.request_id = request_id
         self.key = key
         self.prompt_token_ids = prompt_token_ids
@@ -58,8 +58,11 @@ class RequestState:
         self.adapter = adapter
         stops = [s for s in params.stop if s]
         self.hold = max((len(s) for s in stops), default=1) - 1
-        incremental = bool(stops) or params.output_kind != "final"
-        self.seqs = [SeqState(i, IncrementalDetokenizer(tokenizer) if incremental else None,
+        # added tokens joined without spaces: only the incremental path knows how
+        joined = None if params.skip_special_tokens or params.spaces_between_special_tokens else added
+        incremental = bool(stops) or params.output_kind != "final" or joined is not None
+        skip = params.skip_special_tokens
+        self.seqs = [SeqState(i, IncrementalDetokenizer(tokenizer, skip, joined) if incremental else None,
                               params.logprobs is not None) for i in range(params.n)]
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.num_unfinished = params.n
@@ -83,6 +86,7 @@ class OutputProcessor:
     def __init__(self, tokenizer, eos_token_id: int | None):
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
+        self._added: dict[int, str] | None = None  # the tokenizer's added tokens (looked up once)
         self.requests: dict[str, RequestState] = {}
         self.seqs: dict[int, tuple[RequestState, SeqState]] = {}  # unfinished sequences by key
         self._next_key = 1
@@ -97,7 +101,13 @@ class OutputProcessor:
         """Register a request's frontend state; its sequences get keys key .. key + n - 1."""
         key = self._next_key
         self._next_key += params.n
-        req = RequestState(request_id, key, prompt_token_ids, params, adapter, self.tokenizer, self.eos_token_id)
+        added = None
+        if not params.skip_special_tokens and not params.spaces_between_special_tokens:
+            if self._added is None:
+                self._added = added_tokens(self.tokenizer)
+            added = self._added
+        req = RequestState(request_id, key, prompt_token_ids, params, adapter, self.tokenizer, self.eos_token_id,
+                           added)
         self.requests[request_id] = req
         for st in req.seqs:
             self.seqs[key + st.index] = (req, st)
@@ -149,7 +159,8 @@ class OutputProcessor:
             if st.detok is not None and tok not in req.stop_ids:
                 text = st.detok.step(tok)
                 st.n_detok += 1
-                if text and self._add_text(req, st, text):
+                # stop strings count only in text after min_tokens tokens (vLLM)
+                if text and self._add_text(req, st, text, len(st.token_ids) > req.params.min_tokens):
                     self._finish(req, st, "stop")
                     stopped.append(key)
             touched[req.key] = req
@@ -172,7 +183,8 @@ class OutputProcessor:
             k = req.params.prompt_logprobs
             for j, lp in enumerate(pl.logprobs):
                 top = dict(zip(pl.top_ids[j][:k], pl.top_logprobs[j][:k])) if k and pl.top_ids else {}
-                req.prompt_logprobs.append(TokenLogprob(toks[pl.first + j], lp, top))
+                rank = pl.ranks[j] if pl.ranks is not None else None
+                req.prompt_logprobs.append(TokenLogprob(toks[pl.first + j], lp, top, rank))
             touched[req.key] = req
         for key, reason in out.finished:
             ent = seqs.get(key)
@@ -186,11 +198,12 @@ class OutputProcessor:
                 touched[ent[0].key] = ent[0]
         return list(touched.values()), stopped
 
-    def _add_text(self, req: RequestState, st: SeqState, text: str) -> bool:
-        """Append new text; True if it completed a stop string (text cut before it)."""
+    def _add_text(self, req: RequestState, st: SeqState, text: str, check: bool = True) -> bool:
+        """Append new text; True if it completed a stop string (text cut before it).
+        check=False: the text cannot end the sequence (min_tokens not reached)."""
         pending = st.pending + text
         stops = req.params.stop
-        if stops:
+        if stops and check:
             start = max(0, len(pending) - len(text) - req.hold)  # a stop string must end in the new text
             hit = min(((i, s) for s in stops if s and (i := pending.find(s, start)) >= 0), default=None)
             if hit is not None:
@@ -214,12 +227,10 @@ class OutputProcessor:
             if ids and ids[-1] in req.stop_ids and reason == "stop":
                 ids = ids[:-1]  # the stop token adds no text
             if st.detok is None:
-                st.parts = [decode_all(self.tokenizer, ids)]
+                st.parts = [decode_all(self.tokenizer, ids, req.params.skip_special_tokens)]
             else:
                 # what the detokenizer still holds (an incomplete character at the end)
-                full = decode_all(self.tokenizer, ids[:st.n_detok])
-                shown = sum(map(len, st.parts)) + len(st.pending)
-                st.parts.append(st.pending + full[shown:])
+                st.parts.append(st.pending + st.detok.flush(ids[:st.n_detok]))
             st.pending = ""
         req.num_unfinished -= 1
         self.seqs.pop(req.key + st.index, None)

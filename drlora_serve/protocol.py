@@ -83,6 +83,7 @@ class PromptLogprobs(msgspec.Struct, array_like=True):
     logprobs: list[float]  # of the prompt tokens first, first + 1, ...
     top_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
+    ranks: list[int] | None = None  # of the prompt tokens (vLLM's rank: 1 = the most likely)
 
 
 class RequestFailed(msgspec.Struct, array_like=True):

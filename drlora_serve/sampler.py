@@ -1,11 +1,13 @@
-"""Token sampling on the device: greedy, temperature, top-k, top-p; per-sequence generators;
-logprobs. Nothing here reads the device: results stay tensors until the step is waited on.
+"""Token sampling on the device: grammar masks, the logits controls (logits_processors.py),
+greedy, temperature, min_p, top-k, top-p; per-sequence generators; logprobs. Nothing here
+reads the device: results stay tensors until the step is waited on.
 
-Legend: N rows to sample, V vocab, K logprobs asked (the largest in the batch).
-Logprobs are those of the raw model distribution (log_softmax of the logits before
-temperature / top-k / top-p), like vLLM's default. Seeded sequences draw from their own
-torch.Generator, so their tokens do not depend on what else is in the batch; unseeded rows
-share the engine's generator.
+Legend: N rows to sample, V vocab, K logprobs asked (the largest in the batch), R rows that
+sample at random, Nc grammar-constrained rows, W32 = ceil(V / 32) bitmask words.
+Logprobs are those of the raw model distribution (log_softmax of the logits before the
+controls, temperature, min_p, top-k and top-p; after the grammar mask, as vLLM's default
+raw logprobs). Seeded sequences draw from their own torch.Generator, so their tokens do not
+depend on what else is in the batch; unseeded rows share the engine's generator.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from drlora_serve.logits_processors import (
+    LogitsControls,
+    SamplingState,
+    apply_controls,
+    apply_min_p,
+    build_controls,
+)
 from drlora_serve.sequence import Sequence
 
 
@@ -31,6 +40,18 @@ class SamplingBatch:
     seeded: list[tuple[int, torch.Generator]]  # (position in rand_rows, the sequence's generator)
     max_logprobs: int  # K (0: the chosen token's logprob only)
     want_logprobs: bool
+    min_p: torch.Tensor | None = None  # (R,) fp32, None when no row uses it
+    controls: LogitsControls | None = None  # per-request logits controls, None: no row uses any
+    constrained: list[tuple[int, Sequence]] | None = None  # (row, sequence) with a grammar
+
+
+@dataclass
+class StepExtras:
+    """What changes every step, given to the sampler with the logits."""
+
+    grammar_rows: torch.Tensor | None = None  # (Nc,) rows to mask
+    bitmask: torch.Tensor | None = None  # (Nc, W32) int32 on the device: bit t of row i = token t allowed
+    min_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, stop ids) masked this step
 
 
 @dataclass
@@ -45,6 +66,9 @@ def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device)
     rand = [i for i, s in enumerate(seqs) if not s.request.params.greedy]
     want = [s.request.params.logprobs for s in seqs if s.request.params.logprobs is not None]
     b = SamplingBatch(len(seqs), None, None, None, None, [], [], max(want, default=0), bool(want))
+    b.controls = build_controls(seqs, vocab, device)
+    constrained = [(i, s) for i, s in enumerate(seqs) if s.grammar is not None]
+    b.constrained = constrained or None
     if rand:
         ps = [seqs[i].request.params for i in rand]
         b.rand_rows = torch.tensor(rand, dtype=torch.long, device=device)
@@ -52,6 +76,8 @@ def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device)
         b.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in ps], dtype=torch.long, device=device)
         if any(p.top_p < 1 for p in ps):
             b.top_p = torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=device)
+        if any(p.min_p > 0 for p in ps):
+            b.min_p = torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=device)
         for j, i in enumerate(rand):
             g = seqs[i].generator
             if g is None:
@@ -66,17 +92,32 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
-        """logits (N, V) fp32 -> sampled tokens and logprobs, on the device."""
+    def __call__(self, logits: torch.Tensor, b: SamplingBatch, state: SamplingState | None = None,
+                 extras: StepExtras | None = None) -> SamplerOutput:
+        """logits (N, V) fp32 -> sampled tokens and logprobs, on the device. The logits are
+        not changed (a copy is made when masks or controls apply)."""
+        c = b.controls
+        mt = extras.min_tokens if extras is not None else None
+        grammar = extras is not None and extras.bitmask is not None
+        if grammar or mt is not None or (c is not None and c.before_sampling):
+            logits = logits.clone()
+        if grammar:
+            apply_bitmask(logits, extras.grammar_rows, extras.bitmask)
+        lp = torch.log_softmax(logits, dim=-1) if b.want_logprobs else None  # raw (after the grammar)
+        if c is not None:
+            apply_controls(logits, c, state, mt)
+        elif mt is not None:
+            logits[mt] = float("-inf")
         if logits.device.type == "cpu":  # numpy's argmax is vectorised; torch's CPU one is ~8x slower
             tokens = torch.from_numpy(np.argmax(logits.numpy(), axis=-1).astype(np.int64))
         else:
             tokens = torch.argmax(logits, dim=-1)  # greedy for every row, overwritten below
         if b.rand_rows is not None:
             tokens[b.rand_rows] = self._sample(logits[b.rand_rows], b)
+        if c is not None and state is not None:
+            state.update(c, tokens)
         out = SamplerOutput(tokens)
-        if b.want_logprobs:
-            lp = torch.log_softmax(logits, dim=-1)
+        if lp is not None:
             out.logprob = lp.gather(1, tokens[:, None]).squeeze(1)
             if b.max_logprobs:
                 out.top_logprobs, out.top_ids = torch.topk(lp, b.max_logprobs, dim=-1)
@@ -85,6 +126,8 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         dev = logits.device
         logits = logits / b.temperature[:, None]
+        if b.min_p is not None:
+            logits = apply_min_p(logits, b.min_p)
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (R, V)
         V = logits.shape[1]
         rank = torch.arange(V, device=dev)[None, :]
@@ -102,3 +145,14 @@ class Sampler:
             q[j] = torch.empty(V, device=dev).exponential_(generator=g)
         pick = torch.argmax(probs / q, dim=-1)  # index into sorted order
         return order.gather(1, pick[:, None]).squeeze(1)
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """-inf for the tokens a grammar forbids: bit t % 32 of word t // 32 of a row's mask says
+    whether token t is allowed (llguidance's layout); tokens past the mask are forbidden."""
+    V = logits.shape[1]
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().reshape(bitmask.shape[0], -1)  # (Nc, 32 * W32)
+    if allowed.shape[1] < V:
+        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]))
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :V], float("-inf"))

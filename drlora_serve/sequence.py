@@ -28,7 +28,7 @@ class SeqStatus(enum.Enum):
 class Sequence:
     __slots__ = ("request", "index", "key", "token_ids", "num_prompt_tokens", "num_tokens", "num_computed_tokens",
                  "status", "block_table", "num_hashed_blocks", "finish_reason", "generator", "max_tokens_total",
-                 "stop_ids", "sample_row", "row", "num_scored_prompt")
+                 "stop_ids", "sample_row", "row", "num_scored_prompt", "grammar")
 
     def __init__(self, request: Request, index: int, max_model_len: int, eos_token_id: int | None):
         p = request.params
@@ -52,6 +52,7 @@ class Sequence:
         self.sample_row = -1  # this sequence's row in the last launched step's samples
         self.row = -1  # model runner's persistent row (block table mirror), -1: none
         self.num_scored_prompt = 1  # prompt positions whose logprobs were sent (the first has none)
+        self.grammar = None  # structured outputs: this sequence's grammar matcher (structured.py)
         self.generator: torch.Generator | None = None
         if p.seed is not None:  # one generator per sequence: reproducible whatever the batch
             self.generator = torch.Generator(device=request.device)
@@ -100,7 +101,7 @@ class Sequence:
 
 class Request:
     __slots__ = ("request_id", "key", "prompt_token_ids", "params", "adapter", "adapter_version", "arrival", "device",
-                 "seqs", "num_unfinished")
+                 "seqs", "num_unfinished", "grammar")
 
     def __init__(self, request_id: str, key: int, prompt_token_ids: list[int], params: SamplingParams,
                  adapter: str | None, adapter_version, arrival: float, max_model_len: int,
@@ -115,6 +116,7 @@ class Request:
         self.device = device
         self.seqs = [Sequence(self, i, max_model_len, eos_token_id) for i in range(params.n)]
         self.num_unfinished = params.n
+        self.grammar = None  # structured outputs: Future of the compiled grammar (structured.py)
 
     @property
     def adapter_key(self):

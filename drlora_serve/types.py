@@ -23,6 +23,30 @@ OUTPUT_KINDS = ("cumulative", "delta", "final")
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's StructuredOutputsParams): exactly one of
+    `json` (a JSON schema, as a dict or its text), `regex`, `choice` (one of these strings),
+    `grammar` (Lark or GBNF) or `json_object` (any JSON object). `disable_any_whitespace`:
+    JSON without free whitespace between tokens (compact), vLLM's name."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def kind(self) -> str:
+        """Which constraint is set ("json", "regex", ...); InvalidRequestError unless exactly one."""
+        kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise InvalidRequestError("structured outputs need exactly one of json, regex, choice, grammar or "
+                                      f"json_object (got {', '.join(kinds) or 'none'})")
+        return kinds[0]
+
+
+@dataclass
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
@@ -39,6 +63,22 @@ class SamplingParams:
     # what each RequestOutput holds: "cumulative" (a full snapshot), "delta" (new since the
     # previous one) or "final" (one output at the end); vLLM's RequestOutputKind
     output_kind: str = "cumulative"
+    # ---- logits controls (vLLM's names and semantics; applied batched on the device)
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # tokens of prompt or output: positive logits / p, negative * p
+    min_p: float = 0.0  # drop tokens below min_p x the top probability (after temperature)
+    min_tokens: int = 0  # no eos / stop token (nor stop string) before this many output tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (before all else)
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    bad_words: list[str] | None = None  # words never generated (tokenized by the frontend)
+    # ---- text
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: the context length)
+    structured_outputs: StructuredOutputsParams | None = None
+    # set by the frontend from bad_words (it has the tokenizer; vLLM's _bad_words_token_ids)
+    bad_words_token_ids: list[list[int]] | None = None
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -57,10 +97,44 @@ class SamplingParams:
             raise InvalidRequestError(f"n must be >= 1, got {self.n}")
         if self.output_kind not in OUTPUT_KINDS:
             raise InvalidRequestError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -2 <= v <= 2):
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (0 <= self.min_p <= 1):
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise InvalidRequestError(f"min_tokens must be a non-negative integer, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if self.logit_bias and any(not math.isfinite(v) for v in self.logit_bias.values()):
+            raise InvalidRequestError("logit_bias values must be finite numbers")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise InvalidRequestError("allowed_token_ids must not be empty")
+        t = self.truncate_prompt_tokens
+        if t is not None and not (t == -1 or t >= 1):
+            raise InvalidRequestError(f"truncate_prompt_tokens must be -1 or >= 1, got {t}")
+        if self.structured_outputs is not None:
+            self.structured_outputs.kind()
+
+    def check_vocab(self, vocab: int) -> None:
+        """Token ids the request names must exist (InvalidRequestError)."""
+        for name, ids in (("logit_bias", self.logit_bias or ()), ("allowed_token_ids", self.allowed_token_ids or ()),
+                          ("bad_words", [t for w in self.bad_words_token_ids or () for t in w]),
+                          ("stop_token_ids", self.stop_token_ids)):
+            bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
+            if bad is not None:
+                raise InvalidRequestError(f"{name}: token id {bad} is out of vocabulary (size {vocab})")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 @dataclass
@@ -68,6 +142,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)  # token id -> logprob
+    rank: int | None = None  # prompt logprobs: 1 + tokens more likely (vLLM's rank), else None
 
 
 @dataclass

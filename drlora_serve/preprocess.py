@@ -1,0 +1,47 @@
+"""What the frontend resolves in a request before it goes to the core, which has no tokenizer:
+the prompt truncated (`truncate_prompt_tokens`), bad words tokenized, a grammar checked. Shared
+by LLMEngine (in process) and AsyncLLM (the server); raises types.InvalidRequestError."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from drlora_serve.structured import GrammarValidator
+from drlora_serve.types import SamplingParams
+
+
+def truncate_prompt(ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last k tokens (-1: the context length)."""
+    k = params.truncate_prompt_tokens
+    if k is None:
+        return ids
+    k = max_model_len if k == -1 else k
+    return ids[-k:] if len(ids) > k else ids
+
+
+def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """vLLM's tokenization of bad words: each word as is (leading spaces stripped) and with
+    one leading space (the same word inside a text), the latter only when it tokenizes to as
+    many tokens and starts with another token."""
+    out: list[list[int]] = []
+    for word in words:
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        if plain:
+            out.append(plain)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain))):
+            out.append(spaced)
+    return out
+
+
+def prepare(params: SamplingParams, prompt_ids: list[int], tokenizer, vocab_size: int, max_model_len: int,
+            grammars: GrammarValidator) -> tuple[SamplingParams, list[int]]:
+    """The params to send (a copy when something was resolved) and the prompt to run."""
+    params.validate()
+    ids = truncate_prompt(prompt_ids, params, max_model_len)
+    if params.bad_words and params.bad_words_token_ids is None:
+        params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids(tokenizer, params.bad_words))
+    params.check_vocab(vocab_size)
+    if params.structured_outputs is not None:
+        grammars.check(params.structured_outputs)
+    return params, ids

@@ -1,0 +1,205 @@
+"""Structured outputs (JSON schema, JSON object, regex, choice, Lark / GBNF grammar) with
+llguidance: a request's constraint becomes an llguidance grammar; each of its sequences
+advances a matcher with every token it accepts, and before each of its samples the matcher
+fills that row's token bitmask (one bit per token), applied on the device (sampler.py).
+
+Why llguidance (over xgrammar and outlines-core): the broadest JSON-schema coverage of the
+three (it leads JSONSchemaBench; unsupported keywords are refused, not ignored), no ahead-of-
+time token-mask precomputation (a schema compiles in about a millisecond, so compiling per
+distinct schema at request time is cheap; xgrammar's compilation can take seconds for large
+schemas), ~50 us per mask (Earley parser + lazy lexer over a token trie), a batch API that
+fills many rows' masks in parallel threads without the GIL (`LLExecutor`), Lark *and* GBNF
+grammars, an abi3 wheel with no Python dependencies (one wheel for every Python >= 3.10; xgrammar
+brings torch, transformers, triton and apache-tvm-ffi pins of its own), maintained by the
+guidance team and used by vLLM, SGLang and llama.cpp.
+
+Where the work happens:
+- the frontend (`GrammarValidator`) turns the request's constraint into grammar text and
+  checks it (a bad schema, regex or grammar is a 400 before anything is sent), cached by text;
+- the core (`GrammarEngine`) compiles each distinct grammar once (an LRU of compiled
+  matchers keyed by the grammar text, which holds the compact schema / regex / grammar) in a
+  worker thread, so a big schema never stalls the steps of other requests: the request waits
+  outside the scheduler until its grammar is ready; each sequence gets a copy of the compiled
+  matcher (a few microseconds);
+- the matcher advances only with tokens the core accepted (`_process`), never with a row
+  computed for a sequence that had already ended; the masks of step N+1 are filled once step
+  N's tokens are in, while N+1's forward runs (core.py, "grammar masks").
+
+Legend: Nc constrained rows, W32 = ceil(V / 32) 32-bit words per mask, V vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from drlora_serve.types import InvalidRequestError, StructuredOutputsParams
+
+log = logging.getLogger(__name__)
+
+JSON_OBJECT_SCHEMA = '{"type":"object"}'
+
+
+def _llg():
+    import llguidance  # imported on first use: requests without a grammar never load it
+
+    return llguidance
+
+
+def grammar_text(so: StructuredOutputsParams) -> str:
+    """The llguidance grammar for a constraint (InvalidRequestError for input that is not even
+    well formed: a schema that is not JSON, a grammar that cannot be read)."""
+    llg = _llg()
+    kind = so.kind()
+    if kind in ("json", "json_object"):
+        if kind == "json_object":
+            schema = JSON_OBJECT_SCHEMA
+        elif isinstance(so.json, str):
+            try:
+                schema = json.dumps(json.loads(so.json), separators=(",", ":"))  # compact, order kept
+            except ValueError as exc:
+                raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}") from None
+        else:
+            schema = json.dumps(so.json, separators=(",", ":"))
+        if not schema.startswith("{") and schema not in ("true", "false"):
+            raise InvalidRequestError("a JSON schema must be an object")
+        try:
+            return llg.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": not so.disable_any_whitespace})
+        except ValueError as exc:
+            raise InvalidRequestError(f"invalid JSON schema: {exc}") from None
+    if kind == "regex":
+        return llg.LLMatcher.grammar_from_regex(so.regex)
+    if kind == "choice":
+        if not so.choice or not all(isinstance(c, str) for c in so.choice):
+            raise InvalidRequestError("choice must be a non-empty list of strings")
+        return llg.grammar_from("choice", json.dumps(so.choice))
+    try:
+        return llg.grammar_from("grammar", so.grammar)
+    except Exception as exc:  # noqa: BLE001 - the GBNF converter raises assorted errors
+        raise InvalidRequestError(f"invalid grammar: {exc}") from None
+
+
+class _LRU:
+    def __init__(self, size: int):
+        self.size, self.d = size, OrderedDict()
+
+    def get(self, key):
+        v = self.d.get(key)
+        if v is not None:
+            self.d.move_to_end(key)
+        return v
+
+    def put(self, key, value) -> None:
+        self.d[key] = value
+        if len(self.d) > self.size:
+            self.d.popitem(last=False)
+
+
+class GrammarValidator:
+    """Frontend side: a constraint -> checked grammar text (InvalidRequestError with the
+    parser's message otherwise). Cached by the grammar text."""
+
+    def __init__(self, cache_size: int = 512):
+        self._cache = _LRU(cache_size)
+
+    def check(self, so: StructuredOutputsParams) -> str:
+        text = grammar_text(so)
+        err = self._cache.get(text)
+        if err is None:
+            llg = _llg()
+            is_err, msgs = llg.LLMatcher.validate_grammar_with_warnings(text)
+            err = msgs[0] if is_err else ""
+            self._cache.put(text, err)
+        if err:
+            raise InvalidRequestError(f"invalid {so.kind().replace('_', ' ')} constraint: {_short(err)}")
+        return text
+
+
+def _short(msg: str, limit: int = 500) -> str:
+    msg = msg.split("\n<state>")[0].strip()
+    return msg if len(msg) <= limit else msg[:limit] + "..."
+
+
+class GrammarEngine:
+    """Core side: compiled grammars (LRU, compiled in a worker thread), per-sequence matchers,
+    and the batch's bitmasks."""
+
+    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, max_rows: int, pin: bool,
+                 cache_size: int = 256):
+        self.load_tokenizer = load_tokenizer  # the HF tokenizer (loaded in the worker, on first use)
+        self.vocab_size = vocab_size
+        self.words = -(-vocab_size // 32)  # W32
+        self._llt = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="drlora-grammar")
+        self._cache = _LRU(cache_size)  # grammar text -> Future[compiled LLMatcher]
+        self._executor = None
+        # two host mask buffers, used alternately: one may still be copied to the device
+        self._masks = [torch.full((max_rows, self.words), -1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._turn = 0
+
+    # ------------------------------------------------------------------ compile
+    def compile(self, so: StructuredOutputsParams) -> Future:
+        """A future of the compiled matcher for the constraint (copied per sequence)."""
+        try:
+            text = grammar_text(so)
+        except InvalidRequestError as exc:
+            fut = Future()
+            fut.set_exception(exc)
+            return fut
+        fut = self._cache.get(text)
+        if fut is None or (fut.done() and fut.exception() is not None and not isinstance(
+                fut.exception(), InvalidRequestError)):
+            fut = self._pool.submit(self._compile, text, so.kind())
+            self._cache.put(text, fut)
+        return fut
+
+    def _compile(self, text: str, kind: str):
+        llg = _llg()
+        if self._llt is None:
+            import llguidance.hf
+
+            tok = self.load_tokenizer()
+            n = max(self.vocab_size, len(tok))
+            self._llt = llguidance.hf.from_tokenizer(tok, n_vocab=n)
+        m = llg.LLMatcher(self._llt, text, log_level=0)
+        if m.is_error():
+            raise InvalidRequestError(f"invalid {kind.replace('_', ' ')} constraint: {_short(m.get_error())}")
+        return m
+
+    @staticmethod
+    def matcher(compiled) -> object:
+        """A fresh matcher for one sequence."""
+        return compiled.deep_copy()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ per step
+    def fill(self, constrained: list[tuple[int, object]]) -> tuple[list[int], torch.Tensor, set[int]]:
+        """Masks for the constrained rows [(row, sequence)] of a step, from their matchers'
+        current states: (rows, (Nc, W32) int32 host bitmask, rows whose grammar allows only its
+        end). A sequence that has ended meanwhile gets an all-allowed row (its token is dropped)."""
+        llg = _llg()
+        if self._executor is None:
+            self._executor = llg.LLExecutor()
+        self._turn ^= 1
+        mask = self._masks[self._turn][:len(constrained)]
+        rows, jobs, done = [], [], set()
+        for j, (row, seq) in enumerate(constrained):
+            rows.append(row)
+            m = seq.grammar
+            if m is None or seq.is_finished:
+                mask[j].fill_(-1)
+                continue
+            jobs.append((m, j))
+            if m.is_stopped():
+                done.add(row)
+        if jobs:
+            self._executor.unsafe_compute_mask_ptr(jobs, mask.data_ptr(), self.words * 4, len(constrained))
+        return rows, mask, done

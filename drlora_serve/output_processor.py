@@ -146,6 +146,19 @@ class OutputProcessor:
         stopped: list[int] = []
         seqs = self.seqs
         lps = out.logprobs
+        # prompt logprobs first: a stop string in this step's token may finish the sequence
+        for pl in out.prompt_logprobs:
+            ent = seqs.get(pl.seq_key)
+            if ent is None or ent[0].prompt_logprobs is None:
+                continue
+            req = ent[0]
+            toks = req.prompt_token_ids
+            k = req.params.prompt_logprobs
+            for j, lp in enumerate(pl.logprobs):
+                top = dict(zip(pl.top_ids[j][:k], pl.top_logprobs[j][:k])) if k and pl.top_ids else {}
+                rank = pl.ranks[j] if pl.ranks is not None else None
+                req.prompt_logprobs.append(TokenLogprob(toks[pl.first + j], lp, top, rank))
+            touched[req.key] = req
         for i, (key, tok) in enumerate(zip(out.seq_keys, out.token_ids)):
             ent = seqs.get(key)
             if ent is None:  # finished here already (a stop string), or unknown
@@ -174,18 +187,6 @@ class OutputProcessor:
                 else:
                     ttfts.append(now - req.arrival)
                 req.last_token_at, req.step_tokens = now, 0
-        for pl in out.prompt_logprobs:
-            ent = seqs.get(pl.seq_key)
-            if ent is None or ent[0].prompt_logprobs is None:
-                continue
-            req = ent[0]
-            toks = req.prompt_token_ids
-            k = req.params.prompt_logprobs
-            for j, lp in enumerate(pl.logprobs):
-                top = dict(zip(pl.top_ids[j][:k], pl.top_logprobs[j][:k])) if k and pl.top_ids else {}
-                rank = pl.ranks[j] if pl.ranks is not None else None
-                req.prompt_logprobs.append(TokenLogprob(toks[pl.first + j], lp, top, rank))
-            touched[req.key] = req
         for key, reason in out.finished:
             ent = seqs.get(key)
             if ent is not None:

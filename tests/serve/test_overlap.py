@@ -1,7 +1,8 @@
 """Asynchronous scheduling (step N+1 scheduled and launched before step N's tokens are read)
 changes no output: the same mixed workload, with and without it, gives identical tokens,
 text, logprobs and finish reasons, with preemption, prefix caching, stop strings and tokens,
-eos, n > 1, seeds, prompt logprobs and adapters."""
+eos, n > 1, seeds, prompt logprobs, adapters, penalties, logit_bias, min_p, min_tokens,
+bad words, allowed_token_ids and structured outputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import random
 
 import pytest
 
-from drlora_serve.types import SamplingParams
+from drlora_serve.types import SamplingParams, StructuredOutputsParams
 
 from serve_helpers import PROMPTS, make_engine, run_all
 
@@ -28,6 +29,20 @@ def workload(tokenizer, seed: int):
                             stop=rng.choice([[], [" the"], ["e", "qqq"]]),
                             stop_token_ids=rng.choice([[], [rng.randrange(5, 200)]]),
                             ignore_eos=rng.random() < 0.7)
+        if rng.random() < 0.6:  # the logits controls, some at a time
+            sp.repetition_penalty = rng.choice([1.0, 1.3, 0.8])
+            sp.frequency_penalty = rng.choice([0.0, 0.7, -0.4])
+            sp.presence_penalty = rng.choice([0.0, 0.5])
+            sp.min_p = rng.choice([0.0, 0.1])
+            sp.logit_bias = rng.choice([None, {18: 3.0, 225: -2.0}])
+            sp.bad_words_token_ids = rng.choice([None, [[225, 21]], [[18], [12, 82, 13]]])
+            sp.min_tokens = min(sp.max_tokens, rng.choice([0, 0, 4]))
+            sp.allowed_token_ids = rng.choice([None, None, list(range(5, 300))])
+        elif rng.random() < 0.4:
+            sp.structured_outputs = StructuredOutputsParams(
+                **rng.choice([{"regex": "[a-z]{1,5}( [0-9]{1,3}){1,3}"}, {"choice": ["one", "two three"]},
+                              {"json": {"type": "object", "properties": {"a": {"enum": [1, 2, 3]}}, "required": ["a"],
+                                        "additionalProperties": False}}]), disable_any_whitespace=True)
         reqs.append((f"w{i}", toks, sp, rng.choice([None, "a", "b", "c"])))
     return reqs
 

@@ -36,8 +36,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
-
 from drlora_serve.types import InvalidRequestError, StructuredOutputsParams
 
 log = logging.getLogger(__name__)
@@ -66,6 +64,8 @@ def grammar_text(so: StructuredOutputsParams) -> str:
                 raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}") from None
         else:
             schema = json.dumps(so.json, separators=(",", ":"))
+        if so.disable_additional_properties and kind == "json":
+            schema = json.dumps(_closed(json.loads(schema)), separators=(",", ":"))
         if not schema.startswith("{") and schema not in ("true", "false"):
             raise InvalidRequestError("a JSON schema must be an object")
         try:
@@ -83,6 +83,19 @@ def grammar_text(so: StructuredOutputsParams) -> str:
         return llg.grammar_from("grammar", so.grammar)
     except Exception as exc:  # noqa: BLE001 - the GBNF converter raises assorted errors
         raise InvalidRequestError(f"invalid grammar: {exc}") from None
+
+
+def _closed(schema):
+    """additionalProperties: false on every object schema that does not set it (vLLM's
+    disable_additional_properties)."""
+    if isinstance(schema, list):
+        return [_closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 class _LRU:
@@ -132,6 +145,8 @@ class GrammarEngine:
 
     def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, max_rows: int, pin: bool,
                  cache_size: int = 256):
+        import torch
+
         self.load_tokenizer = load_tokenizer  # the HF tokenizer (loaded in the worker, on first use)
         self.vocab_size = vocab_size
         self.words = -(-vocab_size // 32)  # W32
@@ -181,7 +196,7 @@ class GrammarEngine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ per step
-    def fill(self, constrained: list[tuple[int, object]]) -> tuple[list[int], torch.Tensor, set[int]]:
+    def fill(self, constrained: list[tuple[int, object]]) -> tuple[list[int], object, set[int]]:
         """Masks for the constrained rows [(row, sequence)] of a step, from their matchers'
         current states: (rows, (Nc, W32) int32 host bitmask, rows whose grammar allows only its
         end). A sequence that has ended meanwhile gets an all-allowed row (its token is dropped)."""

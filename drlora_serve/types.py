@@ -27,7 +27,8 @@ class StructuredOutputsParams:
     """Constrain the output to a grammar (vLLM's StructuredOutputsParams): exactly one of
     `json` (a JSON schema, as a dict or its text), `regex`, `choice` (one of these strings),
     `grammar` (Lark or GBNF) or `json_object` (any JSON object). `disable_any_whitespace`:
-    JSON without free whitespace between tokens (compact), vLLM's name."""
+    JSON without free whitespace between tokens (compact); `disable_additional_properties`:
+    `additionalProperties: false` on every object of the schema that does not say; vLLM's names."""
 
     json: str | dict | None = None
     regex: str | None = None
@@ -35,6 +36,7 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False  # objects of the schema accept no other keys
 
     def kind(self) -> str:
         """Which constraint is set ("json", "regex", ...); InvalidRequestError unless exactly one."""

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: the tokenizer's chat template, streaming with the role first."""
+"""POST /v1/chat/completions: the tokenizer's chat template, streaming with the role first,
+tool calls by structured outputs (server/tools.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from drlora_serve.types import RequestOutput, TokenLogprob
 from server import generation as g
+from server import tools as T
 from server.errors import bad_request, sse_error
 from server.protocol import ChatCompletionRequest, ChatCompletionResponse
 from server.state import ServerState, get_state
@@ -24,19 +26,39 @@ async def render(state: ServerState, req: ChatCompletionRequest) -> list[int]:
     tok = state.engine.tokenizer
     if not getattr(tok, "chat_template", None):
         raise bad_request("This model has no chat template; use /v1/completions", "messages")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in req.messages]
+    messages = [_message(m) for m in req.messages]
     g.check_text(state, sum(len(m["content"]) for m in messages), "messages", "messages")
+    kw = {"tools": [t.model_dump(exclude_none=True) for t in req.tools]} if req.tools else {}
 
     def work() -> list[int]:
         try:
             text = tok.apply_chat_template(messages, tokenize=False,
-                                           add_generation_prompt=req.add_generation_prompt)
+                                           add_generation_prompt=req.add_generation_prompt, **kw)
         except Exception as exc:  # a template may raise on messages it does not accept
             raise bad_request(f"The chat template refused the messages: {exc}", "messages") from None
         return tok.encode(text, add_special_tokens=False)
 
     return await g.off_loop(work, sum(len(m["content"]) for m in messages))
+
+
+def _message(m) -> dict:
+    """A message for the chat template; earlier tool calls with their arguments as objects
+    when they parse (what templates that render them expect, as vLLM passes them)."""
+    d = {"role": m.role, "content": m.text()}
+    if m.name:
+        d["name"] = m.name
+    if m.tool_call_id is not None:
+        d["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            try:
+                args = json.loads(c.function.arguments) if c.function.arguments else {}
+            except ValueError:
+                args = c.function.arguments
+            calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+        d["tool_calls"] = calls
+    return d
 
 
 def _logprobs(state: ServerState, ids: list[int], entries: list[TokenLogprob] | None,
@@ -67,29 +89,42 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     model = req.model or state.base_name
     g.check_count(state, 1, req.n)
     ids = await render(state, req)
+    ids = g.truncate(ids, req, state.engine.max_model_len)
     max_tokens = g.check_prompt(state, ids, req.token_limit(), "messages", "messages")
     k = req.top_logprobs or 0
-    params = g.sampling_params(state, req, max_tokens, k if req.logprobs else None,
-                               output_kind="delta" if req.stream else "final")
+    tool = T.tool_constraint(req)
+    params = g.sampling_params(state, req, max_tokens, k if req.logprobs else None, req.prompt_logprobs,
+                               output_kind="delta" if req.stream else "final", constraint=tool)
     rid = g.new_id("chatcmpl")
     group = g.RequestGroup(state)
     await group.submit_all([(ids, params, rid, adapter)])
     if req.stream:
-        return g.GroupStreamingResponse(_stream(state, req, rid, model, ids, group.stream()), group)
+        return g.GroupStreamingResponse(_stream(state, req, rid, model, ids, group.stream(), tool is not None),
+                                        group)
     outs = await g.collect(request, group)
     out = outs.get(0)
     choices = []
     for o in (out.outputs if out else []):
         lp = {"content": _logprobs(state, o.token_ids, o.logprobs, k)} if req.logprobs else None
-        choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
-                        "logprobs": lp, "finish_reason": o.finish_reason})
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
-                         "model": model, "choices": choices, "usage": _usage(ids, out)})
+        message, finish = {"role": "assistant", "content": o.text}, o.finish_reason
+        calls = T.tool_calls(req, o.text) if tool is not None else None
+        if calls is not None:  # (an output cut by max_tokens stays text, finish_reason "length")
+            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+        choices.append({"index": o.index, "message": message, "logprobs": lp, "finish_reason": finish})
+    body = {"id": rid, "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": _usage(ids, out)}
+    if req.prompt_logprobs is not None:
+        body["prompt_logprobs"] = g.prompt_logprobs_json(state, out.prompt_logprobs if out else None,
+                                                         req.prompt_logprobs)
+    return JSONResponse(body)
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, model: str,
-                  ids: list[int], stream: AsyncIterator[tuple[int, RequestOutput]]):
-    """SSE chunks from the request's delta outputs (each carries only what is new)."""
+                  ids: list[int], stream: AsyncIterator[tuple[int, RequestOutput]], tools: bool = False):
+    """SSE chunks from the request's delta outputs (each carries only what is new); with a
+    tool constraint, OpenAI's tool-call deltas (a call's id, type and name first, then pieces
+    of its arguments) and finish_reason "tool_calls"."""
+    calls = {i: T.ToolCallStream(req) for i in range(req.n)} if tools else None
     created = int(time.time())
     k = req.top_logprobs or 0
     opts = req.stream_options
@@ -116,8 +151,14 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
                 if not o.text and not o.token_ids and o.finish_reason is None:
                     continue
                 lp = {"content": _logprobs(state, o.token_ids, o.logprobs, k)} if req.logprobs else None
-                yield chunk([{"index": o.index, "delta": {"content": o.text} if o.text else {},
-                              "logprobs": lp, "finish_reason": o.finish_reason}],
+                delta, finish = ({"content": o.text} if o.text else {}), o.finish_reason
+                if calls is not None:
+                    cs = calls[o.index]
+                    entries = cs.feed(o.text)
+                    delta = {"tool_calls": entries} if entries else {}
+                    if finish == "stop" and T.tool_calls(req, cs.text) is not None:
+                        finish = "tool_calls"
+                yield chunk([{"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
                             usage() if opts and opts.include_usage and opts.continuous_usage_stats else None)
         if opts and opts.include_usage:
             yield chunk([], usage())

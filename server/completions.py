@@ -25,11 +25,12 @@ class Prompt:
     text: str | None  # None: given as token ids, decoded only if echo needs it
 
 
-async def prompts_of(state: ServerState, prompt, max_tokens: int | None) -> list[tuple[Prompt, int]]:
+async def prompts_of(state: ServerState, req: CompletionRequest, max_tokens: int | None) -> list[tuple[Prompt, int]]:
     """Each prompt's token ids and resolved max_tokens, checked one by one as they are
     tokenized, so that a request is refused at its first bad prompt without tokenizing the
     rest. Long text is tokenized in a worker thread (the tokenizer releases the GIL)."""
     tok = state.engine.tokenizer
+    prompt = req.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     many = len(prompt) > 1
@@ -43,6 +44,9 @@ async def prompts_of(state: ServerState, prompt, max_tokens: int | None) -> list
                 ids, text = tok.encode(p), p
             else:
                 ids, text = list(p), None
+            cut = g.truncate(ids, req, state.engine.max_model_len)
+            if len(cut) < len(ids):  # echo shows what ran
+                ids, text = cut, None
             out.append((Prompt(ids, text), g.check_prompt(state, ids, max_tokens, "prompt", where)))
         return out
 
@@ -93,7 +97,10 @@ def _choice(state: ServerState, req: CompletionRequest, p: Prompt, out: RequestO
             logprobs = lb.build(o.token_ids, o.logprobs)
     if req.echo:
         text = _echo_text(state, p) + text
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
+    if req.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = g.prompt_logprobs_json(state, out.prompt_logprobs, req.prompt_logprobs)
+    return choice
 
 
 def _usage(prompts: list[Prompt], outs: dict[int, RequestOutput]) -> dict:
@@ -109,9 +116,11 @@ async def create_completion(req: CompletionRequest, request: Request):
     model = req.model or state.base_name
     many_prompts = isinstance(req.prompt, list) and not isinstance(req.prompt[0], int)
     g.check_count(state, len(req.prompt) if many_prompts else 1, req.n)
-    checked = await prompts_of(state, req.prompt, req.max_tokens)
+    checked = await prompts_of(state, req, req.max_tokens)
     prompts = [p for p, _ in checked]
     prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
+    if req.prompt_logprobs is not None:
+        prompt_lp = max(prompt_lp or 0, req.prompt_logprobs)
     params = [g.sampling_params(state, req, max_tokens, req.logprobs, prompt_lp,
                                 output_kind="delta" if req.stream else "final") for _, max_tokens in checked]
     rid = g.new_id("cmpl")

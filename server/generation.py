@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from drlora_serve.types import InvalidRequestError, RequestOutput, SamplingParams
+from drlora_serve.types import InvalidRequestError, RequestOutput, SamplingParams, StructuredOutputsParams
 from server.errors import APIError, bad_request, from_exception
 from server.state import ServerState
 
@@ -79,34 +79,120 @@ def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, par
     return max_tokens
 
 
-def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None, output_kind: str = "final") -> SamplingParams:
-    """output_kind: "delta" for streamed responses, "final" otherwise (see RequestOutput)."""
+def structured_of(req) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The request's output constraint and the field that set it: response_format (json_object,
+    json_schema), structured_outputs, or vLLM's guided_json / guided_regex / guided_choice /
+    guided_grammar; at most one of them."""
+    found: list[tuple[str, StructuredOutputsParams]] = []
+    rf = req.response_format
+    if rf is not None and rf.type != "text":
+        found.append(("response_format", StructuredOutputsParams(json=rf.json_schema.json_schema)
+                      if rf.type == "json_schema" else StructuredOutputsParams(json_object=True)))
+    so = req.structured_outputs
+    if so is not None and any(v is not None and v is not False for v in (so.json_, so.regex, so.choice, so.grammar,
+                                                                         so.json_object)):
+        found.append(("structured_outputs", StructuredOutputsParams(
+            json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object,
+            disable_any_whitespace=so.disable_any_whitespace,
+            disable_additional_properties=so.disable_additional_properties)))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        v = getattr(req, name)
+        if v is not None:
+            found.append((name, StructuredOutputsParams(**{key: v})))
+    if len(found) > 1:
+        raise bad_request(f"{found[0][0]} and {found[1][0]} both constrain the output; give one of them",
+                          found[1][0])
+    return (found[0][1], found[0][0]) if found else (None, None)
+
+
+def _token_ids(state: ServerState, values, param: str) -> list[int]:
     vocab = len(state.engine.tokenizer)
-    bad = next((t for t in req.stop_token_ids or [] if t >= vocab), None)
+    bad = next((t for t in values if not 0 <= t < vocab), None)
     if bad is not None:
-        raise bad_request(f"stop_token_ids: token id {bad} is out of vocabulary (size {vocab})",
-                          "stop_token_ids")
+        raise bad_request(f"{param}: token id {bad} is out of vocabulary (size {vocab})", param)
+    return list(values)
+
+
+def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None, output_kind: str = "final",
+                    constraint: tuple[StructuredOutputsParams, str] | None = None) -> SamplingParams:
+    """output_kind: "delta" for streamed responses, "final" otherwise (see RequestOutput).
+    constraint: (structured outputs, the field that set it) given by the caller (chat tools),
+    instead of the request's own."""
+    stop_ids = _token_ids(state, req.stop_token_ids or [], "stop_token_ids")
     top_k = req.top_k if req.top_k not in (None, 0) else -1
+    bias = None
+    if req.logit_bias:
+        try:
+            bias = {int(k): min(100.0, max(-100.0, v)) for k, v in req.logit_bias.items()}  # vLLM clamps
+        except ValueError:
+            raise bad_request("logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
+        _token_ids(state, bias, "logit_bias")
+    so, so_field = constraint if constraint is not None else structured_of(req)
+    if so is not None:
+        try:
+            state.grammars.check(so)
+        except InvalidRequestError as exc:
+            raise bad_request(str(exc), so_field) from None
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=top_k,
+        min_p=req.min_p or 0.0,
         seed=req.seed,
         stop=req.stop_list(),
-        stop_token_ids=list(req.stop_token_ids or []),
+        stop_token_ids=stop_ids,
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         n=req.n,
         output_kind=output_kind,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_tokens=req.min_tokens,
+        logit_bias=bias,
+        allowed_token_ids=_token_ids(state, req.allowed_token_ids, "allowed_token_ids")
+        if req.allowed_token_ids else None,
+        bad_words=list(req.bad_words) if req.bad_words else None,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
+        structured_outputs=so,
     )
     try:
         params.validate()
     except InvalidRequestError as exc:
         raise bad_request(str(exc)) from None
     return params
+
+
+def truncate(ids: list[int], req, max_model_len: int) -> list[int]:
+    """truncate_prompt_tokens (vLLM): the last k prompt tokens, before the length checks."""
+    k = req.truncate_prompt_tokens
+    if k is None:
+        return ids
+    k = max_model_len if k == -1 else k
+    return ids[-k:]
+
+
+def prompt_logprobs_json(state: ServerState, entries, k: int) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token (the first None), {token id: {logprob, rank,
+    decoded_token}} for the prompt token and the k most likely."""
+    out: list[dict | None] = []
+    for e in entries or []:
+        if e is None:
+            out.append(None)
+            continue
+        d = {}
+        for rank, (tid, lp) in enumerate(list(e.top.items())[:k], start=1):
+            d[str(tid)] = {"logprob": lp, "rank": rank, "decoded_token": state.token_text(tid)}
+        d[str(e.token_id)] = {"logprob": e.logprob, "rank": e.rank, "decoded_token": state.token_text(e.token_id)}
+        out.append(d)
+    return out
 
 
 async def _close(it: AsyncIterator) -> None:

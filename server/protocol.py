@@ -74,10 +74,6 @@ def _one_of(*values: str) -> Callable[[Any, dict], bool]:
     return noop
 
 
-def _text_format(v: Any, body: dict) -> bool:  # response_format {"type": "text"}: plain text
-    return v is None or v == {"type": "text"}
-
-
 def _text_modality(v: Any, body: dict) -> bool:
     return v is None or v == ["text"]
 
@@ -104,34 +100,16 @@ COMPLETIONS = ("completions",)
 CHAT = ("chat",)
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
-    # sampling (see the sampling issue: each entry goes once the engine implements it)
-    Unsupported("presence_penalty", BOTH, _number(0), "0 or omit it"),
-    Unsupported("frequency_penalty", BOTH, _number(0), "0 or omit it"),
-    Unsupported("repetition_penalty", BOTH, _number(1), "1 or omit it"),
-    Unsupported("min_p", BOTH, _number(0), "0 or omit it"),
-    Unsupported("min_tokens", BOTH, _number(0), "0 or omit it"),
-    Unsupported("logit_bias", BOTH, _empty, "omit it"),
-    Unsupported("bad_words", BOTH, _empty, "omit it"),
-    Unsupported("allowed_token_ids", BOTH, _empty, "omit it"),
+    # sampling
     Unsupported("use_beam_search", BOTH, _false, "false or omit it"),
     Unsupported("length_penalty", BOTH, _number(1), "1 or omit it"),
     Unsupported("best_of", BOTH, _best_of, "n or omit it"),
-    # structured output and tools
-    Unsupported("response_format", BOTH, _text_format, '{"type": "text"} or omit it'),
-    Unsupported("structured_outputs", BOTH, _empty, "omit it"),
-    Unsupported("guided_json", BOTH, _absent, "omit it"),
-    Unsupported("guided_regex", BOTH, _absent, "omit it"),
-    Unsupported("guided_choice", BOTH, _absent, "omit it"),
-    Unsupported("guided_grammar", BOTH, _absent, "omit it"),
-    Unsupported("tools", CHAT, _empty, "omit it"),
-    Unsupported("tool_choice", CHAT, _one_of("none", "auto"), '"none" or omit it'),
-    Unsupported("functions", CHAT, _empty, "omit it"),
-    Unsupported("function_call", CHAT, _one_of("none", "auto"), '"none" or omit it'),
+    # structured output: the JSON whitespace pattern (use structured_outputs.disable_any_whitespace)
+    Unsupported("guided_whitespace_pattern", BOTH, _absent, "omit it"),
+    # legacy function calling (use tools / tool_choice)
+    Unsupported("functions", CHAT, _empty, "omit it (use tools)"),
+    Unsupported("function_call", CHAT, _one_of("none", "auto"), '"none" or omit it (use tool_choice)'),
     # text and prompt handling
-    Unsupported("include_stop_str_in_output", BOTH, _false, "false or omit it"),
-    Unsupported("skip_special_tokens", BOTH, _true, "true or omit it"),
-    Unsupported("spaces_between_special_tokens", BOTH, _true, "true or omit it"),
-    Unsupported("truncate_prompt_tokens", BOTH, _absent, "omit it"),
     Unsupported("add_special_tokens", COMPLETIONS, _true, "true or omit it"),
     Unsupported("add_special_tokens", CHAT, _false, "false or omit it"),
     Unsupported("suffix", COMPLETIONS, _empty, "omit it"),
@@ -146,7 +124,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("audio", CHAT, _absent, "omit it"),
     Unsupported("web_search_options", CHAT, _absent, "omit it"),
     # extra outputs
-    Unsupported("prompt_logprobs", BOTH, _absent, "omit it (completions: echo with logprobs scores the prompt)"),
     Unsupported("return_tokens_as_token_ids", BOTH, _false, "false or omit it"),
     Unsupported("return_token_ids", BOTH, _false, "false or omit it"),
     Unsupported("top_logprobs", CHAT, _top_logprobs, "",
@@ -169,6 +146,42 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Text | None = None
+    description: Text | None = None
+    json_schema: dict[Text, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError('response_format of type "json_schema" needs json_schema.schema')
+        return self
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[Text, Any] | Text | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool | None = None  # accepted: there is one backend, never a fallback
+    disable_additional_properties: bool = False
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -177,10 +190,29 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0, le=1e4, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1, le=1_000_000, description="Extension: 0 or -1 disables")
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="Extension (vLLM)")
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: Text | list[Text] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="Extension")
     ignore_eos: bool = Field(False, description="Extension")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False, description="Extension (vLLM)")
+    min_tokens: int = Field(0, ge=0, description="Extension (vLLM)")
+    logit_bias: dict[Text, float] | None = Field(None, description="token id (as a string) -> bias, clamped to [-100, 100]")
+    bad_words: list[Text] | None = Field(None, description="Extension (vLLM)")
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="Extension (vLLM)")
+    include_stop_str_in_output: bool = Field(False, description="Extension (vLLM)")
+    skip_special_tokens: bool = Field(True, description="Extension (vLLM)")
+    spaces_between_special_tokens: bool = Field(True, description="Extension (vLLM)")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="Extension (vLLM): keep the last k prompt tokens")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Extension (vLLM)")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = Field(None, description="Extension (vLLM)")
+    guided_json: dict[Text, Any] | Text | None = Field(None, description="Extension (vLLM)")
+    guided_regex: Text | None = Field(None, description="Extension (vLLM)")
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = Field(None, description="Extension (vLLM)")
+    guided_grammar: Text | None = Field(None, description="Extension (vLLM)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
@@ -192,6 +224,12 @@ class _Sampling(BaseModel):
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
             refuse_unsupported(data, cls.endpoint)
+            if data.get("stream") and data.get("prompt_logprobs") is not None:
+                raise PydanticCustomError("unsupported_option", "prompt_logprobs is not available with stream=true",
+                                          {"param": "prompt_logprobs"})
+            if data.get("truncate_prompt_tokens") == 0:
+                raise PydanticCustomError("value_error", "truncate_prompt_tokens must be -1 or >= 1",
+                                          {"param": "truncate_prompt_tokens"})
         return data
 
     def stop_list(self) -> list[str]:
@@ -216,18 +254,28 @@ class TextPart(BaseModel):
     text: Text
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Text
+    arguments: Text = ""
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant turn (rendered by the chat template)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Text = Field(min_length=1, max_length=64)
     content: Text | list[TextPart] | None = None
     name: Text | None = None
-    tool_calls: list[Any] | None = Field(None, description="Refused unless empty: tools are not supported")
-
-    @model_validator(mode="after")
-    def _no_tool_calls(self) -> ChatMessage:
-        if self.tool_calls:  # the template would render them: dropping them changes the prompt
-            raise ValueError("tool_calls in messages are not supported by this server")
-        return self
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -235,6 +283,31 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Annotated[str, AfterValidator(_encodable)] = Field(min_length=1, max_length=256)
+    description: Text | None = None
+    parameters: dict[Text, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -245,6 +318,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = Field(True, description="Extension")
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -306,9 +381,16 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):

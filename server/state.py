@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from drlora_serve.structured import GrammarValidator
 from server.errors import APIError, model_not_found
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class ServerState:
     metrics: ServerMetrics
     watcher: AdapterWatcher | None = None
     ready: bool = False
+    grammars: GrammarValidator = field(default_factory=GrammarValidator)  # structured outputs, checked at request time
     _token_text: dict[int, str] = field(default_factory=dict)
     _max_token_chars: int = 0
 

@@ -1,0 +1,204 @@
+"""Chat tool calls by structured outputs: `tool_choice` "required" or a named function
+constrains the output to the tools' JSON schemas, and the output becomes OpenAI `tool_calls`.
+
+- a named function (`{"type": "function", "function": {"name": "f"}}`): the output is the
+  function's arguments, an object following its `parameters` schema; one call of `f`.
+- "required": the output is a JSON array of at least one call, each
+  `{"name": <one of the tools>, "parameters": <that tool's arguments>}` (vLLM's format).
+- "none": the tools go to the chat template, the output is plain text.
+- "auto" (OpenAI's default when tools are given) is refused: it needs a parser of the model's
+  own tool-call syntax, which this server does not have.
+
+The arguments of a call are the raw JSON text of the model's output (as generated, whitespace
+included), so that the arguments streamed in pieces join to exactly the non-streamed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+from drlora_serve.types import StructuredOutputsParams
+from server.errors import bad_request
+
+ANY_OBJECT = {"type": "object"}
+
+
+def tool_constraint(req) -> tuple[StructuredOutputsParams, str] | None:
+    """(structured outputs, "tools") for the request's tool_choice, or None (plain text)."""
+    choice, tools = req.tool_choice, req.tools or []
+    if choice is None:
+        if tools:
+            raise bad_request('tool_choice "auto" (the default with tools) needs a tool-call parser, which this '
+                              'server does not have; use "required", a named function, or "none"', "tool_choice")
+        return None
+    if choice == "none":
+        return None
+    if choice == "auto":
+        if tools:
+            raise bad_request('tool_choice "auto" needs a tool-call parser, which this server does not have; '
+                              'use "required", a named function, or "none"', "tool_choice")
+        return None
+    if not tools:
+        raise bad_request("tool_choice needs tools", "tool_choice")
+    for other in ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                  "guided_grammar"):
+        v = getattr(req, other)
+        if v is not None and not (other == "response_format" and v.type == "text"):
+            raise bad_request(f"tool_choice and {other} both constrain the output; give one of them", other)
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise bad_request("tool names must be unique", "tools")
+    if choice == "required":
+        calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                                   "parameters": t.function.parameters or ANY_OBJECT},
+                  "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
+        schema = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+        return StructuredOutputsParams(json=schema), "tools"
+    tool = next((t for t in tools if t.function.name == choice.function.name), None)
+    if tool is None:
+        raise bad_request(f"tool_choice names the function {choice.function.name!r}, which is not among the tools",
+                          "tool_choice")
+    return StructuredOutputsParams(json=tool.function.parameters or ANY_OBJECT), "tools"
+
+
+@dataclass
+class Call:
+    name: str | None  # None until its name is complete
+    args: str  # the arguments' JSON text so far
+    done: bool  # the arguments are complete
+
+
+def scan_required(text: str) -> list[Call]:
+    """The calls of a (possibly partial) `[{"name": ..., "parameters": ...}, ...]` text."""
+    calls: list[Call] = []
+    depth, i, n = 0, 0, len(text)
+    key = None
+    cur: Call | None = None
+    while i < n:
+        c = text[i]
+        if c == '"':
+            end = _string_end(text, i)
+            if end is None:
+                break
+            s = json.loads(text[i:end])
+            if depth == 2 and key is None:
+                key = s
+            elif depth == 2 and key == "name" and cur is not None:
+                cur.name, key = s, None
+            i = end
+            continue
+        if c in "[{":
+            depth += 1
+            if depth == 2 and c == "{":
+                cur = Call(None, "", False)
+                calls.append(cur)
+        elif c in "]}":
+            depth -= 1
+        elif c == ":" and depth == 2 and key == "parameters" and cur is not None:
+            j = i + 1
+            while j < n and text[j] in " \t\r\n":
+                j += 1
+            end = _value_end(text, j)
+            cur.args = text[j:end if end is not None else n]
+            cur.done = end is not None
+            key = None
+            i = end if end is not None else n
+            continue
+        elif c == "," and depth == 2:
+            key = None
+        i += 1
+    return calls
+
+
+def _string_end(text: str, i: int) -> int | None:
+    """Index after the JSON string starting at text[i] == '"', None if it is not complete."""
+    j = i + 1
+    while j < len(text):
+        if text[j] == "\\":
+            j += 2
+        elif text[j] == '"':
+            return j + 1
+        else:
+            j += 1
+    return None
+
+
+def _value_end(text: str, i: int) -> int | None:
+    """Index after the JSON value starting at text[i], None if it is not complete yet."""
+    if i >= len(text):
+        return None
+    if text[i] == '"':
+        return _string_end(text, i)
+    if text[i] in "[{":
+        depth, j = 0, i
+        while j < len(text):
+            c = text[j]
+            if c == '"':
+                end = _string_end(text, j)
+                if end is None:
+                    return None
+                j = end
+                continue
+            depth += c in "[{"
+            depth -= c in "]}"
+            j += 1
+            if depth == 0:
+                return j
+        return None
+    j = i  # a number, true, false or null: complete once a delimiter follows
+    while j < len(text) and text[j] not in ",}] \t\r\n":
+        j += 1
+    return j if j < len(text) else None
+
+
+def scan(req, text: str) -> list[Call]:
+    """The tool calls in a (possibly partial) output of a tool-constrained request."""
+    if req.tool_choice == "required":
+        return scan_required(text)
+    args = text.lstrip()
+    return [Call(req.tool_choice.function.name, args, _value_end(args, 0) is not None)]
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_calls(req, text: str) -> list[dict] | None:
+    """OpenAI tool_calls of a finished output; None when it is not a complete call list (the
+    output was cut by max_tokens)."""
+    calls = scan(req, text)
+    if not calls or not all(c.done and c.name is not None for c in calls):
+        return None
+    try:
+        for c in calls:
+            json.loads(c.args)
+    except ValueError:
+        return None
+    return [{"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.args}}
+            for c in calls]
+
+
+class ToolCallStream:
+    """Streamed tool calls of one choice: the OpenAI delta entries for the text so far."""
+
+    def __init__(self, req):
+        self.req = req
+        self.text = ""
+        self.sent: list[int] = []  # argument characters sent per call (-1: header not sent)
+
+    def feed(self, delta: str) -> list[dict]:
+        self.text += delta
+        out = []
+        for i, c in enumerate(scan(self.req, self.text)):
+            if c.name is None:
+                break
+            if i >= len(self.sent):
+                self.sent.append(0)
+                out.append({"index": i, "id": new_call_id(), "type": "function",
+                            "function": {"name": c.name, "arguments": ""}})
+            if len(c.args) > self.sent[i]:
+                out.append({"index": i, "function": {"arguments": c.args[self.sent[i]:]}})
+                self.sent[i] = len(c.args)
+        return out

@@ -107,7 +107,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     for o in (out.outputs if out else []):
         lp = {"content": _logprobs(state, o.token_ids, o.logprobs, k)} if req.logprobs else None
         message, finish = {"role": "assistant", "content": o.text}, o.finish_reason
-        calls = T.tool_calls(req, o.text) if tool is not None else None
+        calls = T.tool_calls(req, o.text) if tool is not None and finish == "stop" else None
         if calls is not None:  # (an output cut by max_tokens stays text, finish_reason "length")
             message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
         choices.append({"index": o.index, "message": message, "logprobs": lp, "finish_reason": finish})

@@ -51,6 +51,24 @@ def _positive(kind):
     return parse
 
 
+def _structured_config(text: str) -> dict:
+    try:
+        cfg = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}") from None
+    if not isinstance(cfg, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    known = {"disable_any_whitespace", "disable_additional_properties", "backend"}
+    if set(cfg) - known:
+        raise argparse.ArgumentTypeError(f"unknown keys {sorted(set(cfg) - known)} (known: {sorted(known)})")
+    if cfg.get("backend", "auto") not in ("auto", "guidance"):
+        raise argparse.ArgumentTypeError("backend: only 'auto' or 'guidance' (llguidance) is offered")
+    cfg.pop("backend", None)
+    if not all(isinstance(v, bool) for v in cfg.values()):
+        raise argparse.ArgumentTypeError("disable_* values must be true or false")
+    return cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="drlora-serve", description="OpenAI-compatible server for MoE LoRA adapters "
                 "with per-expert ranks (vLLM's multi-LoRA API).")
@@ -95,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-async-scheduling", dest="async_scheduling", action="store_false",
       help="wait for each step's tokens before scheduling the next (no overlap of host and device)")
     a("--enable-lora", action="store_true", help="accepted for vLLM compatibility (always on)")
+    a("--structured-outputs-config", type=_structured_config, default={}, metavar="JSON",
+      help='defaults of structured outputs (vLLM\'s flag): {"disable_any_whitespace": true} for compact '
+      'JSON, {"disable_additional_properties": true}; "backend" may only be "auto" or "guidance" (llguidance)')
     g = p.add_mutually_exclusive_group()
     g.add_argument("--allow-runtime-lora-updating", dest="runtime_updates", action="store_true",
                    default=None, help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter "
@@ -176,7 +197,8 @@ def _configure(parser, args):
         base_aliases=[args.model, model_path], model_path=model_path, adapters_dir=adapters,
         watch_interval=args.watch_interval, lora_roots=roots, allow_runtime_lora_updating=runtime,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
-        max_prompts_per_request=args.max_prompts_per_request)
+        max_prompts_per_request=args.max_prompts_per_request,
+        structured_defaults=args.structured_outputs_config)
     return engine_args, config
 
 

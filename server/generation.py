@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -79,11 +80,12 @@ def check_prompt(state: ServerState, ids: list[int], max_tokens: int | None, par
     return max_tokens
 
 
-def structured_of(req) -> tuple[StructuredOutputsParams | None, str | None]:
+def structured_of(req, defaults: dict | None = None) -> tuple[StructuredOutputsParams | None, str | None]:
     """The request's output constraint and the field that set it: response_format (json_object,
     json_schema), structured_outputs, or vLLM's guided_json / guided_regex / guided_choice /
-    guided_grammar; at most one of them."""
+    guided_grammar; at most one of them. `defaults`: the server's --structured-outputs-config."""
     found: list[tuple[str, StructuredOutputsParams]] = []
+    defaults = defaults or {}
     rf = req.response_format
     if rf is not None and rf.type != "text":
         found.append(("response_format", StructuredOutputsParams(json=rf.json_schema.json_schema)
@@ -93,8 +95,9 @@ def structured_of(req) -> tuple[StructuredOutputsParams | None, str | None]:
                                                                          so.json_object)):
         found.append(("structured_outputs", StructuredOutputsParams(
             json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object,
-            disable_any_whitespace=so.disable_any_whitespace,
-            disable_additional_properties=so.disable_additional_properties)))
+            disable_any_whitespace=so.disable_any_whitespace or defaults.get("disable_any_whitespace", False),
+            disable_additional_properties=so.disable_additional_properties
+            or defaults.get("disable_additional_properties", False))))
     for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                       ("guided_grammar", "grammar")):
         v = getattr(req, name)
@@ -103,7 +106,16 @@ def structured_of(req) -> tuple[StructuredOutputsParams | None, str | None]:
     if len(found) > 1:
         raise bad_request(f"{found[0][0]} and {found[1][0]} both constrain the output; give one of them",
                           found[1][0])
-    return (found[0][1], found[0][0]) if found else (None, None)
+    if not found:
+        return None, None
+    name, so = found[0]
+    if name != "structured_outputs":
+        so = with_defaults(so, defaults)
+    return so, name
+
+
+def with_defaults(so: StructuredOutputsParams, defaults: dict) -> StructuredOutputsParams:
+    return dataclasses.replace(so, **defaults) if defaults else so
 
 
 def _token_ids(state: ServerState, values, param: str) -> list[int]:
@@ -129,7 +141,11 @@ def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | No
         except ValueError:
             raise bad_request("logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
         _token_ids(state, bias, "logit_bias")
-    so, so_field = constraint if constraint is not None else structured_of(req)
+    defaults = state.config.structured_defaults
+    if constraint is not None:
+        so, so_field = with_defaults(constraint[0], defaults), constraint[1]
+    else:
+        so, so_field = structured_of(req, defaults)
     if so is not None:
         try:
             state.grammars.check(so)

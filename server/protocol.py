@@ -320,6 +320,7 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = Field(True, description="Extension")
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # false: at most one call (tool_choice "required")
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

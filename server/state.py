@@ -31,6 +31,8 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     max_prompts_per_request: int = 2048  # prompts x n of one request (engine requests it makes)
+    # --structured-outputs-config: defaults of StructuredOutputsParams (disable_any_whitespace, ...)
+    structured_defaults: dict = field(default_factory=dict)
 
     def allowed_roots(self) -> list[str]:
         return [os.path.realpath(r) for r in self.lora_roots]

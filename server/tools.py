@@ -3,8 +3,9 @@ constrains the output to the tools' JSON schemas, and the output becomes OpenAI 
 
 - a named function (`{"type": "function", "function": {"name": "f"}}`): the output is the
   function's arguments, an object following its `parameters` schema; one call of `f`.
-- "required": the output is a JSON array of at least one call, each
-  `{"name": <one of the tools>, "parameters": <that tool's arguments>}` (vLLM's format).
+- "required": the output is a JSON array of at least one call (exactly one with
+  `parallel_tool_calls: false`), each `{"name": <one of the tools>, "parameters": <that tool's
+  arguments>}` (vLLM's format).
 - "none": the tools go to the chat template, the output is plain text.
 - "auto" (OpenAI's default when tools are given) is refused: it needs a parser of the model's
   own tool-call syntax, which this server does not have.
@@ -55,6 +56,8 @@ def tool_constraint(req) -> tuple[StructuredOutputsParams, str] | None:
                                                    "parameters": t.function.parameters or ANY_OBJECT},
                   "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
         schema = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+        if not req.parallel_tool_calls:
+            schema["maxItems"] = 1
         return StructuredOutputsParams(json=schema), "tools"
     tool = next((t for t in tools if t.function.name == choice.function.name), None)
     if tool is None:

@@ -23,6 +23,8 @@ completion take while a 10 MB prompt is being tokenized.
 
     python benchmarks/host_overhead.py --out host.json
     python benchmarks/host_overhead.py --device-ms 0 4.6 --batches 64 --concurrency 64
+    python benchmarks/host_overhead.py --device-ms 0 4.6 --batches 64 --skip-http --big-prompt-mb 0 \
+        --constrained-fraction 0.5            # half the rows JSON-schema constrained (--schema FILE|JSON)
 
 Prints a table; `--out FILE` writes
 `{"offline": [{"batch", "device_ms", "host_ms_per_step", "tok_s", ...}],
@@ -54,6 +56,11 @@ import torch  # noqa: E402
 PROMPT_LEN = 8
 OUTPUT_LEN = 256
 NUM_TABLES = 64  # logits tables the stub cycles through
+# --constrained-fraction's default schema: a record with free-text fields, so that random
+# logits keep the document going (inside strings) for all OUTPUT_LEN tokens
+DEFAULT_SCHEMA = {"type": "object", "properties": {
+    "id": {"type": "integer"}, "name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+    "notes": {"type": "string"}}, "required": ["id", "name", "tags", "notes"]}
 
 
 # ---------------------------------------------------------------------------- the stub model
@@ -183,12 +190,15 @@ def build_engine(device_ms: float, max_num_seqs: int = 256):
     phases = Phases()
     _timed(engine.scheduler, "schedule", phases, "schedule")
     _timed(runner, "prepare", phases, "prepare")
+    # structured outputs: matchers advanced with each step's tokens, masks filled (host work)
+    _timed(engine.core, "_advance_grammars", phases, "grammar_advance")
+    _timed(engine.core.grammars, "fill", phases, "grammar_fill")
     sampler = runner.sampler
 
-    def timed_sampler(logits, batch):
+    def timed_sampler(logits, batch, *extra):
         t0 = time.perf_counter()
         try:
-            return sampler(logits, batch)
+            return sampler(logits, batch, *extra)
         finally:
             phases.add("sample", time.perf_counter() - t0)
 
@@ -225,22 +235,27 @@ def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------- offline
-def run_offline(batch: int, device_ms: float) -> dict:
+def run_offline(batch: int, device_ms: float, constrained: float = 0.0, schema: dict | None = None) -> dict:
+    """constrained: the fraction of the rows whose output is constrained to `schema` (JSON)."""
     from drlora_serve.llm import LLM
-    from drlora_serve.types import SamplingParams
+    from drlora_serve.types import SamplingParams, StructuredOutputsParams
 
     engine, phases = build_engine(device_ms)
     llm = LLM.from_engine(engine)
     vocab = engine.runner.config["vocab_size"]
     sp = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0, ignore_eos=True)
-    llm.generate(random_prompts(min(batch, 4), vocab, 1), sp)  # warm up
+    nc = round(batch * constrained)
+    csp = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0, ignore_eos=True,
+                         structured_outputs=StructuredOutputsParams(json=schema or DEFAULT_SCHEMA))
+    params = [csp if i % batch < nc else sp for i in range(batch)] if nc else sp
+    llm.generate(random_prompts(min(batch, 4), vocab, 1), [csp if nc else sp, sp, sp, sp][:min(batch, 4)])  # warm up
     phases.__init__()
     t0 = time.perf_counter()
-    outs = llm.generate(random_prompts(batch, vocab, 2), sp)
+    outs = llm.generate(random_prompts(batch, vocab, 2), params)
     wall = time.perf_counter() - t0
     ntok = sum(len(o.outputs[0].token_ids) for o in outs)
     assert ntok == batch * OUTPUT_LEN, ntok
-    return {"batch": batch, "device_ms": device_ms,
+    return {"batch": batch, "device_ms": device_ms, "constrained_rows": nc,
             "host_ms_per_step": 1000 * phases.decode_host / max(phases.decode_steps, 1),
             "tok_s": ntok / wall, "decode_steps": phases.decode_steps, "wall_s": wall,
             "phases_ms_per_step": phases.per_step_ms()}
@@ -407,6 +422,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--big-prompt-mb", type=float, default=10.0, help="0: skip the responsiveness probe")
+    ap.add_argument("--constrained-fraction", type=float, default=0.0,
+                    help="offline: this fraction of the rows is constrained to --schema (structured outputs)")
+    ap.add_argument("--schema", default=None, help="JSON schema (a file or JSON text) for --constrained-fraction")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -417,13 +435,16 @@ def main(argv=None) -> int:
     vocab = json.loads((resolve_model("tiny") / "config.json").read_text())["vocab_size"]
     res = {"offline": [], "http": [], "responsiveness": None}
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "host_overhead_server.log"
+    schema = None
+    if args.schema:
+        schema = json.loads(Path(args.schema).read_text() if Path(args.schema).is_file() else args.schema)
     if not args.skip_offline:
         for d in args.device_ms:
             for b in args.batches:
-                row = run_offline(b, d)
+                row = run_offline(b, d, args.constrained_fraction, schema)
                 res["offline"].append(row)
                 ph = " ".join(f"{k} {v:.3f}" for k, v in row["phases_ms_per_step"].items())
-                print(f"offline batch {b:>4} device {d:>4} ms: host {row['host_ms_per_step']:7.3f} ms/step "
+                print(f"offline batch {b:>4} device {d:>4} ms constrained {row['constrained_rows']:>3}: host {row['host_ms_per_step']:7.3f} ms/step "
                       f"{row['tok_s']:>9.0f} tok/s   [{ph}]", flush=True)
     if not args.skip_http:
         for d in args.device_ms:

@@ -224,20 +224,23 @@ class EngineCore:
     def _sample_constrained(self, step: LaunchedStep) -> None:
         """Fill the grammar masks of the step's constrained rows (their matchers are up to
         date: every earlier token has been processed) and launch its sampling."""
-        rows, mask, ended = self.grammars.fill(step.sampling.constrained)
-        self.runner.sample(step, (rows, mask), ended)
+        b = step.sampling
+        want_ended = b.controls is not None and bool(b.controls.min_tokens)  # (the grammar wins over min_tokens)
+        mask, ended = self.grammars.fill(b.constrained, want_ended)
+        self.runner.sample(step, mask, ended)
 
-    def _advance_grammars(self, seqs: list[Sequence], tokens: list[int]) -> list[int]:
-        """Advance the matchers of constrained sequences with their accepted tokens; the
-        indices of tokens a grammar refused (only when no allowed token was left to sample:
-        e.g. allowed_token_ids or bad_words excluding all the grammar allows)."""
-        refused = []
-        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
-            m = seq.grammar
-            if m is not None and not m.consume_token(tok):
-                log.warning("request %s: token %d refused by its grammar; the sequence is aborted",
-                            seq.request.request_id, tok)
-                refused.append(i)
+    def _advance_grammars(self, step: LaunchedStep, tokens: list[int]) -> list[Sequence]:
+        """Advance the matchers of the step's constrained sequences that are still running with
+        their tokens; the sequences whose token a grammar refused (only possible when no
+        allowed token was left to sample: allowed_token_ids or bad_words excluding all the
+        grammar allows)."""
+        finished = SeqStatus.FINISHED
+        live = [(seq, tokens[i]) for i, seq in step.sampling.constrained if seq.status is not finished]
+        oks = self.grammars.consume(live)  # in the executor's threads, without the GIL
+        refused = [seq for (seq, tok), ok in zip(live, oks) if not ok]
+        for seq in refused:
+            log.warning("request %s: a token was refused by its grammar; the sequence is aborted",
+                        seq.request.request_id)
         return refused
 
     def _process(self, step: LaunchedStep, out: StepOutputs) -> None:
@@ -248,9 +251,8 @@ class EngineCore:
         finished = SeqStatus.FINISHED
         drop = any(s.status is finished for s in seqs)  # ended while this step ran: drop their rows
         if step.sampling is not None and step.sampling.constrained is not None:
-            live = [i for i, s in enumerate(seqs) if s.status is not finished]
-            for j in self._advance_grammars([seqs[i] for i in live], [tokens[i] for i in live]):
-                self._finish(seqs[live[j]], "abort")
+            for seq in self._advance_grammars(step, tokens):
+                self._finish(seq, "abort")
                 drop = True
         if drop:
             keep = [i for i, s in enumerate(seqs) if s.status is not finished]

@@ -328,24 +328,24 @@ class ModelRunner:
         return step
 
     @torch.inference_mode()
-    def sample(self, step: LaunchedStep, grammar: tuple[list[int], torch.Tensor] | None = None,
+    def sample(self, step: LaunchedStep, bitmask: torch.Tensor | None = None,
                skip_min_tokens: set[int] | None = None) -> None:
         """Enqueue the step's sampling and the copies of its results to the host.
-        grammar: (rows, (Nc, W32) int32 host bitmask) for the constrained rows;
+        bitmask: (Nc, W32) int32 host masks of the constrained rows (SamplingBatch.constrained);
         skip_min_tokens: rows whose grammar allows only its end (the grammar wins)."""
         b, n = step.sampling, len(step.sample_seqs)
         if n:
             extras = None
             mt = min_tokens_pairs(b.controls, skip_min_tokens) if b.controls is not None else None
-            if grammar is not None or mt is not None:
+            if bitmask is not None or mt is not None:
                 dev = self.device
                 extras = StepExtras()
                 if mt is not None:
                     extras.min_tokens = (torch.tensor(mt[0], dtype=torch.long, device=dev),
                                          torch.tensor(mt[1], dtype=torch.long, device=dev))
-                if grammar is not None:
-                    extras.grammar_rows = torch.tensor(grammar[0], dtype=torch.long, device=dev)
-                    extras.bitmask = grammar[1].to(dev, non_blocking=True)
+                if bitmask is not None:
+                    extras.grammar_rows = b.constrained_rows
+                    extras.bitmask = bitmask.to(dev, non_blocking=True)
             sampled = self.sampler(step.sample_logits, b, self.sampling_state, extras)
         else:
             sampled = SamplerOutput(torch.empty(0, dtype=torch.long, device=self.device))

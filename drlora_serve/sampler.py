@@ -43,6 +43,7 @@ class SamplingBatch:
     min_p: torch.Tensor | None = None  # (R,) fp32, None when no row uses it
     controls: LogitsControls | None = None  # per-request logits controls, None: no row uses any
     constrained: list[tuple[int, Sequence]] | None = None  # (row, sequence) with a grammar
+    constrained_rows: torch.Tensor | None = None  # (Nc,) int64 their rows
 
 
 @dataclass
@@ -68,7 +69,9 @@ def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device)
     b = SamplingBatch(len(seqs), None, None, None, None, [], [], max(want, default=0), bool(want))
     b.controls = build_controls(seqs, vocab, device)
     constrained = [(i, s) for i, s in enumerate(seqs) if s.grammar is not None]
-    b.constrained = constrained or None
+    if constrained:
+        b.constrained = constrained
+        b.constrained_rows = torch.tensor([i for i, _ in constrained], dtype=torch.long, device=device)
     if rand:
         ps = [seqs[i].request.params for i in rand]
         b.rand_rows = torch.tensor(rand, dtype=torch.long, device=device)
@@ -149,10 +152,26 @@ class Sampler:
 
 def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
     """-inf for the tokens a grammar forbids: bit t % 32 of word t // 32 of a row's mask says
-    whether token t is allowed (llguidance's layout); tokens past the mask are forbidden."""
-    V = logits.shape[1]
-    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().reshape(bitmask.shape[0], -1)  # (Nc, 32 * W32)
-    if allowed.shape[1] < V:
-        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]))
-    logits[rows] = logits[rows].masked_fill(~allowed[:, :V], float("-inf"))
+    whether token t is allowed (llguidance's layout, little-endian bytes); tokens past the mask
+    are forbidden. Each mask byte picks its 8 additive values (0 or -inf) from a 256-entry
+    table: one gather and one add, a few times cheaper than unpacking bits with shifts."""
+    V, Nc = logits.shape[1], bitmask.shape[0]
+    idx = bitmask.view(torch.uint8).reshape(-1).long()
+    add = _byte_table(logits.device).index_select(0, idx).view(Nc, -1)  # (Nc, 32 * W32)
+    if add.shape[1] < V:
+        add = torch.nn.functional.pad(add, (0, V - add.shape[1]), value=float("-inf"))
+    if add.shape[1] > V:
+        add = add[:, :V].contiguous()  # (index_add_ is many times slower on a strided source)
+    logits.index_add_(0, rows, add)  # rows are distinct: one addition per element
+
+
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """(256, 8) fp32: entry [b, i] is 0 if bit i of byte b is set, else -inf (one per device)."""
+    t = _TABLES.get(device)
+    if t is None:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        t = _TABLES[device] = torch.where(bits.bool(), 0.0, float("-inf")).to(device)
+    return t

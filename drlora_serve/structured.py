@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -154,6 +155,8 @@ class GrammarEngine:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="drlora-grammar")
         self._cache = _LRU(cache_size)  # grammar text -> Future[compiled LLMatcher]
         self._executor = None
+        # mask-filling threads: every core but one (the engine loop's), at least 2
+        self.threads = min(32, max(2, (os.cpu_count() or 2) - 1))
         # two host mask buffers, used alternately: one may still be copied to the device
         self._masks = [torch.full((max_rows, self.words), -1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
@@ -196,25 +199,29 @@ class GrammarEngine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ per step
-    def fill(self, constrained: list[tuple[int, object]]) -> tuple[list[int], object, set[int]]:
+    def consume(self, pairs: list[tuple[object, int]]) -> list[bool]:
+        """Advance the matchers of [(sequence, accepted token)]; False where a grammar refused
+        its token (the matcher is then in its error state)."""
+        if not pairs:
+            return []
+        return [s.grammar.consume_token(t) for s, t in pairs]  # (~1 us each: threads would cost more)
+
+    def fill(self, constrained: list[tuple[int, object]], want_ended: bool = False) -> tuple[object, set[int]]:
         """Masks for the constrained rows [(row, sequence)] of a step, from their matchers'
-        current states: (rows, (Nc, W32) int32 host bitmask, rows whose grammar allows only its
-        end). A sequence that has ended meanwhile gets an all-allowed row (its token is dropped)."""
-        llg = _llg()
+        current states: ((Nc, W32) int32 host bitmask, rows whose grammar allows only its end,
+        when want_ended). A sequence that has ended meanwhile gets an all-allowed row (its
+        token is dropped)."""
         if self._executor is None:
-            self._executor = llg.LLExecutor()
+            self._executor = _llg().LLExecutor(self.threads)
         self._turn ^= 1
-        mask = self._masks[self._turn][:len(constrained)]
-        rows, jobs, done = [], [], set()
-        for j, (row, seq) in enumerate(constrained):
-            rows.append(row)
-            m = seq.grammar
-            if m is None or seq.is_finished:
-                mask[j].fill_(-1)
-                continue
-            jobs.append((m, j))
-            if m.is_stopped():
-                done.add(row)
-        if jobs:
-            self._executor.unsafe_compute_mask_ptr(jobs, mask.data_ptr(), self.words * 4, len(constrained))
-        return rows, mask, done
+        n = len(constrained)
+        mask = self._masks[self._turn][:n]
+        jobs = [(s.grammar, j) for j, (_, s) in enumerate(constrained) if not s.is_finished]
+        if len(jobs) < n:  # rows of sequences that ended: anything goes (their tokens are dropped)
+            for j, (_, s) in enumerate(constrained):
+                if s.is_finished:
+                    mask[j].fill_(-1)
+        if jobs:  # every matcher's mask, in the executor's threads, without the GIL
+            self._executor.unsafe_compute_mask_ptr(jobs, mask.data_ptr(), self.words * 4, n)
+        ended = {i for i, s in constrained if not s.is_finished and s.grammar.is_stopped()} if want_ended else set()
+        return mask, ended

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -155,8 +154,6 @@ class GrammarEngine:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="drlora-grammar")
         self._cache = _LRU(cache_size)  # grammar text -> Future[compiled LLMatcher]
         self._executor = None
-        # mask-filling threads: every core but one (the engine loop's), at least 2
-        self.threads = min(32, max(2, (os.cpu_count() or 2) - 1))
         # two host mask buffers, used alternately: one may still be copied to the device
         self._masks = [torch.full((max_rows, self.words), -1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
@@ -212,7 +209,7 @@ class GrammarEngine:
         when want_ended). A sequence that has ended meanwhile gets an all-allowed row (its
         token is dropped)."""
         if self._executor is None:
-            self._executor = _llg().LLExecutor(self.threads)
+            self._executor = _llg().LLExecutor()  # llguidance picks the threads (80% of the cores)
         self._turn ^= 1
         n = len(constrained)
         mask = self._masks[self._turn][:n]

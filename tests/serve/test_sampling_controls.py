@@ -221,3 +221,20 @@ def test_prompt_logprob_ranks(engine, tokenizer):
             assert e.rank == 1 + sorted(e.top.values(), reverse=True).index(e.top[e.token_id])
         else:
             assert e.rank > 3
+
+
+def test_min_tokens_defers_stop_strings_and_include_stop_str(engine, tokenizer):
+    toks = tokenizer.encode(PROMPTS[0])
+    engine.add_request("ms0", toks, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    base = run_all(engine)["ms0"].outputs[0]
+    k = 4
+    head = len(tokenizer.decode(base.token_ids[:k]))
+    stop = next(c for c in base.text[:head] if not c.isspace() and c in base.text[head:])
+    assert stop in base.text[:head] and stop in base.text[head:]  # a hit before min_tokens and one after
+    for include in (False, True):
+        sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=[stop], min_tokens=k,
+                            include_stop_str_in_output=include)
+        engine.add_request("ms1", toks, sp)
+        out = run_all(engine)["ms1"].outputs[0]
+        cut = base.text.index(stop, head)
+        assert out.text == base.text[:cut + (len(stop) if include else 0)] and out.finish_reason == "stop"

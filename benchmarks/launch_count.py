@@ -159,7 +159,7 @@ def build(device: torch.device, dtype: torch.dtype, seed: int = 0):
     model = get_model_class(config.get("model_type", "olmoe")).from_pretrained(model_dir, config, dtype, device)
     shape = MoeShape.from_config(config)
     g = torch.Generator().manual_seed(seed)
-    bs, maxb = 4, 8
+    bs, maxb = 16, 2  # contexts up to 31 tokens over two blocks (short: the interpreter is slow)
     kv = KVCache(shape.num_hidden_layers, BATCH * maxb, bs, shape.num_key_value_heads, shape.head_dim, dtype, device)
     for k, v in kv.layers:
         k.copy_(torch.randn(k.shape, generator=g))
@@ -219,14 +219,17 @@ def summarize(counter: LaunchCounter, num_layers: int) -> dict:
             "host_syncs": sum(counter.syncs.values()), "layer0_ops": counter.per_region(0)}
 
 
-def run(device: str = "cpu", dtype: str = "bfloat16", dense: bool = False) -> dict:
-    """Count both setups (base, two adapters) and, with dense, a third with attention LoRA."""
+def run(device: str = "cpu", dtype: str = "bfloat16", dense: bool = False, layers: int | None = None) -> dict:
+    """Count both setups (base, two adapters) and, with dense, a third with attention LoRA.
+    layers: run only the first N layers (the per-layer counts do not change; faster)."""
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # read when kernels/_tl is first imported
     os.environ["DRLORA_FORCE_TRITON"] = "1"
     dev, dt = torch.device(device), getattr(torch, dtype)
     model, shape, batch = build(dev, dt)
-    L = shape.num_hidden_layers
+    if layers is not None:
+        model.layers = model.layers[:layers]
+    L = len(model.layers)
     res = {"model": "tiny", "layers": L, "batch": BATCH, "device": device, "dtype": dtype}
     res["base"] = summarize(count_step(model, batch, None, torch.full((BATCH,), -1, dtype=torch.int32, device=dev)), L)
     slots = torch.tensor([-1, 0, 1, 0, -1, 1, 0, 1], dtype=torch.int32, device=dev)
@@ -245,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="model dtype (bfloat16, the GPU default: its casts count)")
     ap.add_argument("--dense", action="store_true", help="also count adapters with attention LoRA (q, v, o)")
     ap.add_argument("--verbose", action="store_true", help="print layer 0's ops")
+    ap.add_argument("--layers", type=int, help="run only the first N layers (same per-layer counts, faster)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    res = run(a.device, a.dtype, a.dense)
-    print(f"launches per layer, one decode step, tiny model ({res['layers']} layers), batch {BATCH}, {a.dtype}, "
+    res = run(a.device, a.dtype, a.dense, a.layers)
+    print(f"launches per layer, one decode step, tiny model ({res['layers']} layers run), batch {BATCH}, {a.dtype}, "
           f"Triton path on {a.device}{' (interpreter)' if a.device == 'cpu' else ''}:")
     for key in ("base", "lora", "lora_dense"):
         if key in res:

@@ -14,7 +14,8 @@ import torch
 from kernels._dispatch import check, check_same_device, use_triton
 from kernels.lora_types import DenseLoraLayer
 from kernels.moe_align import dense_lora_align
-from kernels.moe_lora import lora_block_m, moe_lora_expand_triton, moe_lora_shrink_triton
+from kernels.moe_lora import moe_lora_expand_triton, moe_lora_shrink_triton
+from kernels.tiles import lora_block_m
 
 
 def check_dense_inputs(y: torch.Tensor, x: torch.Tensor, lora: DenseLoraLayer, slot_ids: torch.Tensor) -> None:
@@ -63,8 +64,9 @@ def dense_lora_triton_(y: torch.Tensor, x: torch.Tensor, lora: DenseLoraLayer, s
         return y
     align = dense_lora_align(slot_ids, s_num, lora_block_m(t))
     offsets, ranks = lora.offsets.view(s_num, 1), lora.ranks.view(s_num, 1)
-    u = moe_lora_shrink_triton(x, lora.a, offsets, ranks, align, 1, rb)
-    return moe_lora_expand_triton(y, u, lora.b, offsets, ranks, lora.scales, align, 0)
+    slots = slot_ids.to(torch.int32)
+    u = moe_lora_shrink_triton(x, [(lora.a, offsets, ranks)], align, slots, 1, 1, rb)
+    return moe_lora_expand_triton(y, u, [(lora.b, offsets, ranks, 0)], lora.scales, align, slots, 1)
 
 
 def dense_lora_(y: torch.Tensor, x: torch.Tensor, lora: DenseLoraLayer, slot_ids: torch.Tensor) -> torch.Tensor:

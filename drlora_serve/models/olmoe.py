@@ -12,23 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels import dense_lora_, fused_moe, paged_decode_attention, paged_prefill_attention, store_kv
+from kernels import (add_rms_norm_, attention_input, dense_lora_, fused_moe, paged_decode_attention,
+                     paged_prefill_attention, rms_norm, route_topk)
 
 from drlora_serve.context import ForwardContext
 from drlora_serve.weights import WeightSource
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (T, heads, D); cos/sin (T, 1, D)
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
 
 
 class OlmoeForServing:
@@ -114,44 +102,43 @@ class OlmoeForServing:
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids (T,) -> final hidden states (T, H)."""
         x = self.embed[input_ids]  # (T, H)
-        cos = self.cos[ctx.positions].unsqueeze(1)  # (T, 1, D)
-        sin = self.sin[ctx.positions].unsqueeze(1)
+        residual = None  # the residual stream; add_rms_norm_ adds each sublayer's output in place
         for l, w in enumerate(self.layers):
-            h = rms_norm(x, w["in_norm"], self.eps)
-            x = x + self.attention(l, w, h, cos, sin, ctx)
-            h = rms_norm(x, w["post_norm"], self.eps)
-            x = x + self.moe(l, w, h, ctx)
-        return rms_norm(x, self.norm, self.eps)
+            if residual is None:
+                residual, h = x, rms_norm(x, w["in_norm"], self.eps)
+            else:
+                h = add_rms_norm_(x, residual, w["in_norm"], self.eps)
+            x = self.attention(l, w, h, ctx)
+            h = add_rms_norm_(x, residual, w["post_norm"], self.eps)
+            x = self.moe(l, w, h, ctx)  # (T, K, H) fp32 weighted expert outputs, summed by the next norm
+        return add_rms_norm_(x, residual, self.norm, self.eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.lm_head.T).float()  # (N, V) fp32
 
-    def attention(self, l, w, h, cos, sin, ctx: ForwardContext) -> torch.Tensor:
+    def attention(self, l, w, h, ctx: ForwardContext) -> torch.Tensor:
         T = h.shape[0]
         QH, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = h @ w["qkv"].T  # (T, QH*D + 2*KVH*D)
-        q, k, v = qkv.split([QH * D, KVH * D, KVH * D], dim=-1)
         if ctx.lora is not None:
+            q, k, v = qkv.split([QH * D, KVH * D, KVH * D], dim=-1)
             for name, y in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 dl = ctx.lora.dense(l, name)
                 if dl is not None:
                     dense_lora_(y, h, dl, ctx.slot_ids)
-        q = rms_norm(q, w["q_norm"], self.eps)
-        k = rms_norm(k, w["k_norm"], self.eps)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = rotate(q.reshape(T, QH, D), cos, sin)
-        k = rotate(k.reshape(T, KVH, D), cos, sin).contiguous()
-        v = v.reshape(T, KVH, D).contiguous()
         k_cache, v_cache = self.kv_caches[l]
-        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        out = torch.empty_like(q)  # (T, QH, D)
+        # q/k RMSNorm over the full projection width, clip, RoPE, and k/v into the paged cache
+        q = attention_input(qkv, w["q_norm"], w["k_norm"], self.eps, self.cos, self.sin, ctx.positions, k_cache,
+                            v_cache, ctx.slot_mapping, QH, KVH, D, self.clip_qkv)  # (T, QH, D)
         nd = ctx.num_decode
-        if nd:
-            out[:nd] = paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, ctx.block_tables,
-                                              ctx.context_lens, self.scale)
-        if ctx.prefill is not None:  # every chunk in one launch, over its cached prefix and itself
-            pf = ctx.prefill
+        if ctx.prefill is None:  # decode only: every row is a decode row
+            out = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+        else:
+            out = torch.empty_like(q)  # (T, QH, D)
+            if nd:  # written in place: rows [0, nd)
+                paged_decode_attention(q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale,
+                                       out=out[:nd])
+            pf = ctx.prefill  # every chunk in one launch, over its cached prefix and itself
             paged_prefill_attention(q, k_cache, v_cache, pf.block_tables, pf.cu_q, pf.context_lens, pf.max_q_len,
                                     self.scale, out=out)
         out = out.reshape(T, QH * D)
@@ -163,15 +150,12 @@ class OlmoeForServing:
         return y
 
     def moe(self, l, w, h, ctx: ForwardContext) -> torch.Tensor:
+        """(T, K, H) fp32 routing-weighted expert outputs (their sum is the layer's output)."""
         logits = h @ w["router"].T  # (T, E)
         for slot, rows in ctx.router_groups:  # adapters with their own router weights
             logits[rows] = h[rows] @ ctx.lora.router[l][slot].T
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        topk_w, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # (T, K)
-        if self.norm_topk:
-            topk_w = topk_w / topk_w.sum(-1, keepdim=True)
-        # transformers casts the routing weights back to the model dtype before mixing
-        topk_w = topk_w.to(h.dtype).float()
+        # fp32 softmax, top-k, renormalised if norm_topk_prob, weights rounded to the model dtype
+        topk_w, topk_ids = route_topk(logits, self.top_k, self.norm_topk)  # (T, K) fp32, int32
         lora = ctx.lora.moe_layer(l) if ctx.lora is not None else None
-        return fused_moe(h, w["w13"], w["w2"], topk_w, topk_ids.to(torch.int32), lora,
-                         ctx.slot_ids if lora is not None else None)
+        return fused_moe(h, w["w13"], w["w2"], topk_w, topk_ids, lora, ctx.slot_ids if lora is not None else None,
+                         combine=False)

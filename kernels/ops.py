@@ -18,7 +18,7 @@ import torch
 
 from kernels._dispatch import use_triton
 from kernels.attention_input import attention_input
-from kernels.dense_lora import dense_lora_
+from kernels.dense_lora import dense_lora_, dense_lora_cols_, dense_lora_plan
 from kernels.fused_moe import fused_moe
 from kernels.lora_types import DenseLoraLayer, MoeLoraLayer
 from kernels.moe_align import MoeAlignment, dense_lora_align, moe_align, moe_lora_align
@@ -36,6 +36,8 @@ __all__ = [
     "add_rms_norm_",
     "attention_input",
     "dense_lora_",
+    "dense_lora_cols_",
+    "dense_lora_plan",
     "dense_lora_align",
     "fused_moe",
     "moe_align",

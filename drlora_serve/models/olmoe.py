@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import (add_rms_norm_, attention_input, dense_lora_, fused_moe, paged_decode_attention,
-                     paged_prefill_attention, rms_norm, route_topk)
+from kernels import (add_rms_norm_, attention_input, dense_lora_, dense_lora_cols_, dense_lora_plan, fused_moe,
+                     paged_decode_attention, paged_prefill_attention, rms_norm, route_topk)
 
 from drlora_serve.context import ForwardContext
 from drlora_serve.weights import WeightSource
@@ -102,6 +102,7 @@ class OlmoeForServing:
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids (T,) -> final hidden states (T, H)."""
         x = self.embed[input_ids]  # (T, H)
+        ctx.dense_lora_align = None  # computed by the first attention LoRA of this forward
         residual = None  # the residual stream; add_rms_norm_ adds each sublayer's output in place
         for l, w in enumerate(self.layers):
             if residual is None:
@@ -120,12 +121,9 @@ class OlmoeForServing:
         T = h.shape[0]
         QH, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = h @ w["qkv"].T  # (T, QH*D + 2*KVH*D)
-        if ctx.lora is not None:
-            q, k, v = qkv.split([QH * D, KVH * D, KVH * D], dim=-1)
-            for name, y in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                dl = ctx.lora.dense(l, name)
-                if dl is not None:
-                    dense_lora_(y, h, dl, ctx.slot_ids)
+        if ctx.lora is not None:  # q, k, v deltas into their columns of qkv: one shrink, one expand
+            parts = [(ctx.lora.dense(l, p), c) for p, c in (("q_proj", 0), ("k_proj", QH * D), ("v_proj", (QH + KVH) * D))]
+            dense_lora_cols_(qkv, h, parts, ctx.slot_ids, self._dense_align(parts, ctx))
         k_cache, v_cache = self.kv_caches[l]
         # q/k RMSNorm over the full projection width, clip, RoPE, and k/v into the paged cache
         q = attention_input(qkv, w["q_norm"], w["k_norm"], self.eps, self.cos, self.sin, ctx.positions, k_cache,
@@ -146,8 +144,15 @@ class OlmoeForServing:
         if ctx.lora is not None:
             dl = ctx.lora.dense(l, "o_proj")
             if dl is not None:
-                dense_lora_(y, out, dl, ctx.slot_ids)
+                dense_lora_(y, out, dl, ctx.slot_ids, self._dense_align([(dl, 0)], ctx))
         return y
+
+    @staticmethod
+    def _dense_align(parts, ctx: ForwardContext):
+        """The step's token alignment by slot, made once per forward when attention LoRA runs."""
+        if ctx.dense_lora_align is None and any(p[0] is not None for p in parts):
+            ctx.dense_lora_align = dense_lora_plan(ctx.slot_ids, ctx.lora.num_slots)
+        return ctx.dense_lora_align
 
     def moe(self, l, w, h, ctx: ForwardContext) -> torch.Tensor:
         """(T, K, H) fp32 routing-weighted expert outputs (their sum is the layer's output)."""

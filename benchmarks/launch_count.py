@@ -241,6 +241,37 @@ def run(device: str = "cpu", dtype: str = "bfloat16", dense: bool = False, layer
     return res
 
 
+def host_check_us(reps: int = 2000) -> dict:
+    """Host time per call of fused_moe's input checks with LoRA at OLMoE-1B-7B shapes (meta tensors:
+    the checks read metadata only): the full check vs the per-shape cached path."""
+    import time
+
+    from kernels._dispatch import checked_once
+    from kernels.fused_moe import _moe_key, check_moe_inputs
+    from kernels.lora_types import MoeLoraLayer
+
+    t_, k_, e_, h_, i_, s_, r_ = 64, 8, 64, 2048, 1024, 16, 16 * 64 * 16
+    m = dict(device="meta", dtype=torch.bfloat16)
+    args = (torch.empty(t_, h_, **m), torch.empty(e_, 2 * i_, h_, **m), torch.empty(e_, h_, i_, **m),
+            torch.empty(t_, k_, device="meta"), torch.empty(t_, k_, device="meta", dtype=torch.int32))
+    lora = MoeLoraLayer(scales=torch.empty(s_, device="meta"))
+    for p, (din, dout) in {"gate": (h_, i_), "up": (h_, i_), "down": (i_, h_)}.items():
+        lora.a[p], lora.b[p] = torch.empty(r_, din, **m), torch.empty(r_, dout, **m)
+        lora.offsets[p] = torch.empty(s_, e_, device="meta", dtype=torch.int32)
+        lora.ranks[p] = torch.empty(s_, e_, device="meta", dtype=torch.int32)
+    slots = torch.empty(t_, device="meta", dtype=torch.int32)
+    out = {}
+    for name, fn in (("full_check_us", lambda: check_moe_inputs(*args, lora, slots)),
+                     ("cached_check_us", lambda: checked_once(_moe_key(*args, lora, slots),
+                                                              lambda: check_moe_inputs(*args, lora, slots)))):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        out[name] = (time.perf_counter() - t0) / reps * 1e6
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the counts as JSON")
@@ -249,9 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dense", action="store_true", help="also count adapters with attention LoRA (q, v, o)")
     ap.add_argument("--verbose", action="store_true", help="print layer 0's ops")
     ap.add_argument("--layers", type=int, help="run only the first N layers (same per-layer counts, faster)")
+    ap.add_argument("--host", action="store_true", help="also time fused_moe's input checks with LoRA, full vs cached")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if a.host:
+        hc = host_check_us()
+        print(f"fused_moe input checks with LoRA (OLMoE shapes), host time per call: full {hc['full_check_us']:.1f} us, "
+              f"cached per shape {hc['cached_check_us']:.1f} us")
     res = run(a.device, a.dtype, a.dense, a.layers)
+    if a.host:
+        res["host_checks"] = hc
     print(f"launches per layer, one decode step, tiny model ({res['layers']} layers run), batch {BATCH}, {a.dtype}, "
           f"Triton path on {a.device}{' (interpreter)' if a.device == 'cpu' else ''}:")
     for key in ("base", "lora", "lora_dense"):

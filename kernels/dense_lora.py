@@ -41,10 +41,6 @@ def check_dense_inputs(y: torch.Tensor, x: torch.Tensor, lora: DenseLoraLayer, s
     check_same_device(y=y, x=x, a=lora.a, b=lora.b, offsets=lora.offsets, ranks=lora.ranks, scales=lora.scales, slot_ids=slot_ids)
 
 
-def _lora_meta(lora: DenseLoraLayer) -> tuple:
-    return tuple(map(meta, (lora.a, lora.b, lora.offsets, lora.ranks, lora.scales)))
-
-
 def dense_lora_torch_(y: torch.Tensor, x: torch.Tensor, lora: DenseLoraLayer, slot_ids: torch.Tensor) -> torch.Tensor:
     """Twin: loop over slots, vectorised over each slot's tokens."""
     s_num = lora.offsets.shape[0]
@@ -91,7 +87,7 @@ def _triton_cols_(y, x, parts: list[tuple[DenseLoraLayer, int]], slot_ids, align
 def dense_lora_(y: torch.Tensor, x: torch.Tensor, lora: DenseLoraLayer, slot_ids: torch.Tensor,
                 align: MoeAlignment | None = None) -> torch.Tensor:
     """y (T, OUT) += per-slot LoRA delta of x (T, IN); returns y. align: `dense_lora_plan`'s."""
-    checked_once(("dense_lora_", meta(y), meta(x), _lora_meta(lora), meta(slot_ids)),
+    checked_once(("dense_lora_", meta(y), meta(x), lora.signature(), meta(slot_ids)),
                  lambda: check_dense_inputs(y, x, lora, slot_ids))
     if use_triton(y):
         return _triton_cols_(y, x, [(lora, 0)], slot_ids, align)
@@ -118,7 +114,7 @@ def dense_lora_cols_(y: torch.Tensor, x: torch.Tensor, parts: list[tuple[DenseLo
                   "projections launched together must share the slots' scales")
 
     checked_once(("dense_lora_cols_", meta(y), meta(x), meta(slot_ids),
-                  tuple((_lora_meta(lora), col, id(lora.scales)) for lora, col in parts)), run_check)
+                  tuple((lora.signature(), col, id(lora.scales)) for lora, col in parts)), run_check)
     if use_triton(y):
         return _triton_cols_(y, x, parts, slot_ids, align)
     for lora, col in parts:

@@ -193,8 +193,4 @@ def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: MoeLoraLa
 
 def _moe_key(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids) -> tuple:
     key = ("fused_moe", meta(hidden), meta(w_gate_up), meta(w_down), meta(topk_weights), meta(topk_ids), meta(slot_ids))
-    if lora is None:
-        return key
-    per_proj = tuple((p, meta(lora.a[p]), meta(lora.b[p]), meta(lora.offsets[p]), meta(lora.ranks[p]))
-                     for p in lora.projections)
-    return key + (meta(lora.scales), per_proj)
+    return key if lora is None else key + (lora.signature(),)

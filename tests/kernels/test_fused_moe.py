@@ -119,3 +119,21 @@ def test_uncombined_terms(lora, device, monkeypatch):
     torch.testing.assert_close(ref.sum(1), fused_moe_torch(*[a.cpu() for a in args],
                                                            cpu_lora(layer) if lora else None,
                                                            slots.cpu() if lora else None))
+
+
+def test_checks_cached_per_shape_but_sound():
+    """Input checks run once per signature; a pool tensor replaced by a bad one is checked again."""
+    from kernels import _dispatch
+
+    args = make_moe(3, 2, 4, 40, 24, torch.float32, "cpu")
+    layer = make_moe_lora(2, 4, 40, 24, torch.float32, "cpu")
+    slots = torch.tensor([0, -1, 1], dtype=torch.int32)
+    fused_moe(*args, lora=layer, slot_ids=slots)
+    n = len(_dispatch._CHECKED)
+    fused_moe(*args, lora=layer, slot_ids=slots)
+    assert len(_dispatch._CHECKED) == n, "same shapes: no new check"
+    layer.a["down"] = layer.a["down"][:, :-1]  # (R, I - 1): wrong
+    with pytest.raises(ValueError, match="down"):
+        fused_moe(*args, lora=layer, slot_ids=slots)
+    with pytest.raises(ValueError, match="topk_ids"):
+        fused_moe(args[0], args[1], args[2], args[3], args[4][:2])

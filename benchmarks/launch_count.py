@@ -1,11 +1,13 @@
 """Kernel launches per layer in one decode step, counted on the host (runs on any machine).
 
-    python benchmarks/launch_count.py [--out launches.json] [--verbose] [--dense]
+    python benchmarks/launch_count.py [--out launches.json] [--verbose] [--dense] [--host]
+                                      [--layers N] [--device cuda] [--dtype float32]
 
 What is counted, in one decode step (the model's forward) of the bundled tiny model at batch 8,
 in bf16 by default (the GPU serving dtype: in fp32 the model's casts are no-ops), under
-`torch.inference_mode()` as the model runner runs it, with every kernels/ op on its Triton path (`DRLORA_FORCE_TRITON=1`; on a machine without CUDA
-the kernels run in the Triton interpreter, `TRITON_INTERPRET=1`):
+`torch.inference_mode()` as the model runner runs it, with every kernels/ op on its Triton path
+(`DRLORA_FORCE_TRITON=1`; on a machine without CUDA the kernels run in the Triton interpreter,
+`TRITON_INTERPRET=1`):
 - every aten op the model issues (a `TorchDispatchMode`), except views, allocations and
   metadata queries, which launch nothing on a GPU (an op that may alias its input, such as
   `.to(dtype)` or `.contiguous()`, counts when it copied); aten ops issued *inside* a Triton launch
@@ -14,15 +16,17 @@ the kernels run in the Triton interpreter, `TRITON_INTERPRET=1`):
 - host syncs (`.item()`, `_local_scalar_dense`) are reported beside, not counted as launches.
 
 Per layer is counted directly: the ops issued while the forward iterates over layer l of
-`model.layers` are layer l's (the embedding gather, the RoPE table gather and the final norm are
-"outside"). The figure reported is the mean over the layers. A warm-up step runs first, so the
+`model.layers` are layer l's (the embedding gather and the final norm are "outside"). The figure
+reported is the mean over the layers; `--layers N` runs only the first N (same per-layer counts,
+faster: the test runs one). A warm-up step runs first, so the
 counted step is the steady state (cached tile configs, cached rank bounds), as a CUDA graph
 would replay it.
 
 Two setups: base only (no adapter), and two resident adapters (expert LoRA on gate, up and
 down, per-expert ranks 1..8) with the batch's 8 tokens spread over base, adapter 0 and adapter 1.
 `--dense` adds attention LoRA (q, v, o) to both adapters (a third count, not in the JSON's two
-headline keys). `--out FILE` writes {"per_layer_base": x, "per_layer_lora": y, ...}.
+headline keys). `--out FILE` writes {"per_layer_base": x, "per_layer_lora": y, ...}. `--host`
+also times fused_moe's input checks with LoRA (full vs the per-shape cached path).
 """
 
 from __future__ import annotations

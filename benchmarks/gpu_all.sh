@@ -11,6 +11,7 @@ out=${OUT:-bench-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$out/cuda_tests.log"
+python benchmarks/launch_count.py --device cuda --dense --host --out "$out/launches.json" 2>&1 | tee "$out/launches.log"
 python benchmarks/kernel_bench.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
 python benchmarks/engine.py --out "$out/engine.json" 2>&1 | tee "$out/engine.log"
 python benchmarks/engine.py --memory-only --out "$out/engine_memory.json" 2>&1 | tee -a "$out/engine.log"

@@ -3,14 +3,17 @@
 # the CUDA-marked tests (every Triton kernel against its twin on the device), then the kernel,
 # engine and HTTP benchmarks at OLMoE-1B-7B shapes with random weights, and the engine and HTTP
 # rows at Qwen3-30B-A3B shapes (random weights, 4 adapters: 57 GiB of weights). Results (JSON and logs)
-# go to ${OUT:-bench-gpu}/. Written for the first GPU session; it has not run yet. The serve
-# benchmark needs fastapi, uvicorn and pydantic installed (the device image lacks them).
+# go to ${OUT:-bench-gpu}/. Written for the first GPU session; it has not run yet. The device
+# image lacks the server's dependencies (fastapi, uvicorn, pydantic, pyzmq, msgspec, httptools):
+# `bash scripts/device_wheels.sh` here fetches their wheels into .whl/, to carry and install
+# there first (see that script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$out/cuda_tests.log"
+python -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/serve tests/train 2>&1 | tee "$out/cuda_tests.log"
+python benchmarks/launch_count.py --device cuda --dense --host --out "$out/launches.json" 2>&1 | tee "$out/launches.log"
 python benchmarks/kernel_bench.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
 python benchmarks/engine.py --out "$out/engine.json" 2>&1 | tee "$out/engine.log"
 python benchmarks/engine.py --memory-only --out "$out/engine_memory.json" 2>&1 | tee -a "$out/engine.log"

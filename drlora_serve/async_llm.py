@@ -218,6 +218,15 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ outputs
     async def _output_loop(self) -> None:
+        try:
+            await self._read_outputs()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken channel must fail requests, not hang them
+            log.exception("reading the engine core's outputs failed")
+            self._died(f"the engine core's output channel failed ({type(exc).__name__}: {exc})")
+
+    async def _read_outputs(self) -> None:
         dec, sock = self._dec, self._out
         while True:
             msg = dec.decode(await sock.recv())

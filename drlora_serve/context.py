@@ -33,3 +33,7 @@ class ForwardContext:
     prefill: PrefillBatch | None = None
     lora: object | None = None  # lora_buffers.LoraBuffers when any token uses an adapter
     router_groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, rows)
+    # Set by the model inside its forward, not by the runner: the tokens' alignment by adapter slot
+    # (kernels.dense_lora_plan) that every attention-LoRA launch of the step shares. The model
+    # resets it when a forward starts (a CUDA graph capture runs several forwards on one context).
+    dense_lora_align: object | None = None

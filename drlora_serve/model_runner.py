@@ -83,20 +83,14 @@ class LaunchedStep:
 
 
 class HostBuffers:
-    """One set of persistent step-input buffers on the host (pinned on CUDA)."""
+    """One set of persistent step inputs on the host (pinned on CUDA): a step's int64 inputs
+    are packed one after another into `i64`, its int32 inputs into `i32`, and each reaches the
+    device in one copy (views of it are the step's tensors)."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool):
-        def buf(*shape, dtype=torch.int64):
-            return torch.zeros(*shape, dtype=dtype, pin_memory=pin)
-
-        self.ids, self.pos, self.slots = buf(max_tokens), buf(max_tokens), buf(max_tokens)
-        self.adapters = buf(max_tokens, dtype=torch.int32)
-        self.gather_dst, self.gather_src = buf(max_seqs), buf(max_seqs)
-        self.sample_rows = buf(max_seqs + max_tokens)
-        self.tables = buf(max_seqs * max_blocks, dtype=torch.int32)  # (B, MAXB) views of its head
-        self.lens = buf(max_seqs, dtype=torch.int32)
-        self.cu = buf(max_seqs + 1, dtype=torch.int32)
-        self.np = {k: v.numpy() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+    def __init__(self, n64: int, n32: int, pin: bool):
+        self.i64 = torch.zeros(n64, dtype=torch.int64, pin_memory=pin)
+        self.i32 = torch.zeros(n32, dtype=torch.int32, pin_memory=pin)
+        self.n64, self.n32 = self.i64.numpy(), self.i32.numpy()
 
 
 class ModelRunner:
@@ -137,7 +131,9 @@ class ModelRunner:
         # persistent host state: two input buffer sets, a block-table mirror per sequence row
         pin = self.device.type == "cuda"
         T, S, MB = args.max_num_batched_tokens + args.max_num_seqs, args.max_num_seqs, self.max_blocks_per_seq
-        self._bufs = [HostBuffers(T, S, MB, pin), HostBuffers(T, S, MB, pin)]
+        n64 = 3 * T + 2 * S + 2 * T  # ids, pos, slots | sample rows | gathers
+        n32 = T + S + 2 * S * MB + 2 * S + 2  # adapter slots, lens, decode + prefill tables, cu, context lens
+        self._bufs = [HostBuffers(n64, n32, pin), HostBuffers(n64, n32, pin)]
         self._out_host = [torch.zeros(S + T, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._tables = np.zeros((S, MB), dtype=np.int32)  # row -> block table
         self._table_len = np.zeros(S, dtype=np.int64)  # entries mirrored per row
@@ -188,12 +184,17 @@ class ModelRunner:
     # ------------------------------------------------------------------ inputs
     def prepare(self, batch: ScheduledBatch, buf: HostBuffers):
         """Fill `buf` and build the step's tensors on the device: (input_ids, ctx, sample_rows,
-        gather (dst, src) or None). Token order: decodes, then prefill chunks."""
-        bs, dev = self.block_size, self.device
-        npb = buf.np
+        gather (dst, src) or None). Token order: decodes, then prefill chunks.
+        int64 layout: ids, pos, slots (T each), sample rows (N), gather dst, gather src (G each);
+        int32: adapter slots (T), decode lens (B), decode tables (B, MAXB), then for prefill chunks
+        cu_q (C + 1), context lens (C), tables (C, MAXB)."""
+        bs = self.block_size
         decodes, prefills = batch.decodes, batch.prefills
         B = len(decodes)
-        prev = self._prev
+        T = B + sum(c.num_tokens for c in prefills)
+        i64, i32 = buf.n64, buf.n32
+        ids, pos_, slots = i64[:T], i64[T:2 * T], i64[2 * T:3 * T]
+        adapters = i32[:T]
         # decodes: one token each, at position num_computed - 1 (the scheduler advanced it)
         maxb = 0
         gather_dst = gather_src = None
@@ -203,12 +204,12 @@ class ModelRunner:
             stale = np.nonzero((r < 0) | (pos // bs >= self._table_len[r]))[0]  # new rows, new blocks
             if len(stale):
                 r[stale] = [self._row(decodes[i]) for i in stale.tolist()]
-            npb["pos"][:B] = pos
-            npb["slots"][:B] = self._tables[r, pos // bs] * bs + pos % bs
+            pos_[:B] = pos
+            slots[:B] = self._tables[r, pos // bs] * bs + pos % bs
             maxb = int(self._table_len[r].max())
-            npb["tables"][:B * maxb] = self._tables[r, :maxb].reshape(-1)
-            npb["lens"][:B] = pos + 1
-            npb["adapters"][:B] = self._row_slot[r]
+            i32[T:T + B] = pos + 1  # context lens
+            i32[T + B:T + B + B * maxb] = self._tables[r, :maxb].reshape(-1)
+            adapters[:B] = self._row_slot[r]
             # the input token: known on the host, or still in flight (the previous step sampled it)
             inflight = pos >= np.array([len(s.token_ids) for s in decodes], dtype=np.int64)
             if inflight.all():
@@ -216,79 +217,72 @@ class ModelRunner:
                 gather_src = np.array([s.sample_row for s in decodes], dtype=np.int64)
             else:
                 known = np.nonzero(~inflight)[0].tolist()
-                npb["ids"][known] = [decodes[i].token_ids[p] for i, p in zip(known, pos[known].tolist())]
+                ids[known] = [decodes[i].token_ids[p] for i, p in zip(known, pos[known].tolist())]
                 if inflight.any():
                     gather_dst = np.nonzero(inflight)[0]
                     gather_src = np.array([decodes[i].sample_row for i in gather_dst.tolist()], dtype=np.int64)
-        adapters = npb["adapters"]
-        gather = []
+        o32 = T + B + B * maxb  # the prefill part of i32 starts here
         # prefill chunks (host-known tokens; a token still in flight is gathered like a decode's)
-        T = B
-        cu = npb["cu"]
-        cu[0] = B
-        for c, ch in enumerate(prefills):
-            s, start, n = ch.seq, ch.start, ch.num_tokens
-            self._row(s)
-            p = np.arange(start, start + n, dtype=np.int64)
-            toks = s.token_ids[start:start + n]
-            if len(toks) < n:  # the last token is in flight
-                gather.append((T + n - 1, s.sample_row))
-                toks = toks + [-1]
-            npb["ids"][T:T + n] = toks
-            npb["pos"][T:T + n] = p
-            npb["slots"][T:T + n] = self._tables[s.row, p // bs] * bs + p % bs
-            v = s.request.adapter_version
-            adapters[T:T + n] = v.slot if v is not None else -1
-            T += n
-            cu[c + 1] = T
-        if gather:  # prefill chunks whose last token is in flight (rare)
-            g = np.asarray(gather, dtype=np.int64)
-            gather_dst = g[:, 0] if gather_dst is None else np.concatenate([gather_dst, g[:, 0]])
-            gather_src = g[:, 1] if gather_src is None else np.concatenate([gather_src, g[:, 1]])
-        ng = 0
-        if gather_dst is not None:
-            assert prev is not None, "a token in flight without a previous step"
-            ng = len(gather_dst)
-            npb["gather_dst"][:ng], npb["gather_src"][:ng] = gather_dst, gather_src
-            npb["ids"][gather_dst] = 0  # placeholders, overwritten on the device
-        # rows needing logits: the last token of every sampling chunk
+        C = len(prefills)
         sample_rows = list(range(B))
-        for c, ch in enumerate(prefills):
-            if ch.samples:
-                sample_rows.append(int(cu[c + 1]) - 1)
-        npb["sample_rows"][:len(sample_rows)] = sample_rows
-
-        def d(t: torch.Tensor, n: int) -> torch.Tensor:
-            return t[:n].to(dev, non_blocking=True)
-
-        ctx = ForwardContext(positions=d(buf.pos, T), slot_mapping=d(buf.slots, T), slot_ids=d(buf.adapters, T),
-                             num_decode=B)
-        if B:
-            ctx.block_tables = buf.tables[:B * maxb].view(B, maxb).to(dev, non_blocking=True)
-            ctx.context_lens = d(buf.lens, B)
-        if prefills:
-            maxb = max(len(c.seq.block_table) for c in prefills)
-            tables = np.zeros((len(prefills), maxb), dtype=np.int32)
+        if C:
+            gather = []
+            cu = i32[o32:o32 + C + 1]
+            cu[0] = t = B
             for c, ch in enumerate(prefills):
-                tables[c] = self._tables[ch.seq.row, :maxb]
-            i32 = dict(dtype=torch.int32, device=dev)
+                s, start, n = ch.seq, ch.start, ch.num_tokens
+                self._row(s)
+                p = np.arange(start, start + n, dtype=np.int64)
+                toks = s.token_ids[start:start + n]
+                if len(toks) < n:  # the last token is in flight
+                    gather.append((t + n - 1, s.sample_row))
+                    toks = toks + [-1]
+                ids[t:t + n] = toks
+                pos_[t:t + n] = p
+                slots[t:t + n] = self._tables[s.row, p // bs] * bs + p % bs
+                v = s.request.adapter_version
+                adapters[t:t + n] = v.slot if v is not None else -1
+                t += n
+                cu[c + 1] = t
+                if ch.samples:
+                    sample_rows.append(t - 1)
+            i32[o32 + C + 1:o32 + 2 * C + 1] = [c.start + c.num_tokens for c in prefills]
+            maxbp = max(len(c.seq.block_table) for c in prefills)
+            i32[o32 + 2 * C + 1:o32 + 2 * C + 1 + C * maxbp] = \
+                self._tables[[c.seq.row for c in prefills], :maxbp].reshape(-1)
+            if gather:  # prefill chunks whose last token is in flight (rare)
+                g = np.asarray(gather, dtype=np.int64)
+                gather_dst = g[:, 0] if gather_dst is None else np.concatenate([gather_dst, g[:, 0]])
+                gather_src = g[:, 1] if gather_src is None else np.concatenate([gather_src, g[:, 1]])
+        N = len(sample_rows)
+        i64[3 * T:3 * T + N] = sample_rows
+        G = 0
+        if gather_dst is not None:
+            assert self._prev is not None, "a token in flight without a previous step"
+            G = len(gather_dst)
+            i64[3 * T + N:3 * T + N + G], i64[3 * T + N + G:3 * T + N + 2 * G] = gather_dst, gather_src
+            ids[gather_dst] = 0  # placeholders, overwritten on the device
+        n32 = o32 + (2 * C + 1 + C * maxbp if C else 0)
+        # two copies to the device; the step's tensors are views of them
+        d64 = buf.i64[:3 * T + N + 2 * G].to(self.device, non_blocking=True)
+        d32 = buf.i32[:n32].to(self.device, non_blocking=True)
+        ctx = ForwardContext(positions=d64[T:2 * T], slot_mapping=d64[2 * T:3 * T], slot_ids=d32[:T], num_decode=B)
+        if B:
+            ctx.context_lens = d32[T:T + B]
+            ctx.block_tables = d32[T + B:T + B + B * maxb].view(B, maxb)
+        if C:
             ctx.prefill = PrefillBatch(
-                cu_q=d(buf.cu, len(prefills) + 1),
-                context_lens=torch.tensor([c.start + c.num_tokens for c in prefills], **i32),
-                block_tables=torch.from_numpy(tables).to(dev),
+                cu_q=d32[o32:o32 + C + 1], context_lens=d32[o32 + C + 1:o32 + 2 * C + 1],
+                block_tables=d32[o32 + 2 * C + 1:o32 + 2 * C + 1 + C * maxbp].view(C, maxbp),
                 max_q_len=max(c.num_tokens for c in prefills))
-        slots = adapters[:T]
-        if (slots >= 0).any():
+        used = adapters >= 0
+        if used.any():
             ctx.lora = self.lora
-            for slot in np.unique(slots[slots >= 0]).tolist():
+            for slot in np.unique(adapters[used]).tolist():
                 if self.lora.has_router[slot]:
-                    rows_ = np.nonzero(slots == slot)[0]
-                    ctx.router_groups.append((slot, torch.from_numpy(rows_).to(dev)))
-        input_ids = d(buf.ids, T)
-        gather_t = None
-        if ng:
-            gather_t = (d(buf.gather_dst, ng), d(buf.gather_src, ng))
-        return input_ids, ctx, d(buf.sample_rows, len(sample_rows)), gather_t
+                    ctx.router_groups.append((slot, torch.from_numpy(np.nonzero(adapters == slot)[0]).to(self.device)))
+        gather_t = (d64[3 * T + N:3 * T + N + G], d64[3 * T + N + G:3 * T + N + 2 * G]) if G else None
+        return d64[:T], ctx, d64[3 * T:3 * T + N], gather_t
 
     # ------------------------------------------------------------------ run
     @torch.inference_mode()

@@ -61,3 +61,24 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     devs = {n: t.device for n, t in tensors.items() if t is not None}
     if len(set(devs.values())) > 1:
         raise ValueError(f"all tensors must be on one device, got {devs}")
+
+
+def meta(t: torch.Tensor | None) -> tuple | None:
+    """What an input check looks at: shape, dtype, strides, device (hashable)."""
+    return None if t is None else (t.shape, t.dtype, t.stride(), t.device)
+
+
+_CHECKED: dict[tuple, None] = {}  # cache of input signatures that passed their checks
+_MAX_CHECKED = 4096
+
+
+def checked_once(key: tuple, run_check) -> None:
+    """Run `run_check()` the first time `key` (an op name and the `meta` of its inputs, plus any
+    flag the check reads) is seen; later calls with the same key skip it. A check that raises
+    is not cached. Pure host code: safe inside CUDA graph capture."""
+    if key in _CHECKED:
+        return
+    run_check()
+    if len(_CHECKED) >= _MAX_CHECKED:
+        _CHECKED.clear()
+    _CHECKED[key] = None

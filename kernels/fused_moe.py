@@ -1,7 +1,7 @@
 """Fused MoE forward on base expert weights, with optional rank-exact LoRA.
 
 Legend: T tokens, K top-k, N = T*K routed pairs, E experts, H hidden, I intermediate,
-S adapter slots.
+S adapter slots, RM LoRA rank bound.
 
 Semantics (pair p = t*K + k, e = topk_ids[t, k], s = slot_ids[t]):
     gu[p]  = hidden[t] @ w_gate_up[e].T  (+ LoRA gate delta on [:I], up delta on [I:])   (N, 2I)
@@ -10,26 +10,27 @@ Semantics (pair p = t*K + k, e = topk_ids[t, k], s = slot_ids[t]):
     out[t] = sum_k topk_weights[t, k] * y[t*K + k]                                         (T, H)
 w_gate_up (E, 2I, H): gate rows [0, I), up rows [I, 2I) (transformers v5); w_down (E, H, I).
 Accumulation in fp32; pairs are grouped per expert so experts without tokens cost nothing.
+With combine=False the (T, K, H) fp32 weighted terms are returned instead of out, for a later
+kernel to sum (kernels.norm.add_rms_norm_ folds the combine into the next residual add + norm).
+
+Triton launches: the alignment, the gate/up GEMM with SiLU-and-multiply in its epilogue, the
+down GEMM with the routing weight in its epilogue (+ the combine, unless combine=False). With
+LoRA, one alignment (by expert, each expert's pairs ordered by slot) serves all of them, and two
+shrinks are added (gate and up together, then down); each expand runs in its GEMM's epilogue,
+before the activation (gate/up) or the routing weight (down).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import check, empty, check_same_device, dot_precision, interp_upcast, use_triton
+from kernels._dispatch import check, check_same_device, checked_once, dot_precision, empty, interp_upcast, meta, use_triton
 from kernels.lora_types import MoeLoraLayer
-from kernels.moe_align import MoeAlignment, moe_align, moe_lora_align
-from kernels.moe_lora import (
-    lora_block_m,
-    moe_lora_expand_torch,
-    moe_lora_expand_triton,
-    moe_lora_shrink_torch,
-    moe_lora_shrink_triton,
-    silu_mul_triton,
-)
+from kernels.moe_align import MoeAlignment, moe_align
+from kernels.moe_lora import moe_lora_expand_torch, moe_lora_shrink_torch, moe_lora_shrink_triton
+from kernels.norm import moe_combine
+from kernels.tiles import RANK_TILE, GemmTiles, moe_gemm_tiles
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -55,7 +56,8 @@ def check_moe_inputs(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, sl
     check_same_device(hidden=hidden, w_gate_up=w_gate_up, w_down=w_down, topk_weights=topk_weights, topk_ids=topk_ids)
     if lora is not None:
         check(slot_ids is not None, "slot_ids is required with lora")
-        check(slot_ids.shape == (t,), f"slot_ids must be (T={t},), got {tuple(slot_ids.shape)}")
+        check(slot_ids.shape == (t,) and slot_ids.dtype in (torch.int32, torch.int64),
+              f"slot_ids must be (T={t},) int32/int64, got {tuple(slot_ids.shape)} {slot_ids.dtype}")
         check(lora.scales is not None and lora.scales.dtype == torch.float32, "lora.scales must be (S,) float32")
         s = lora.scales.shape[0]
         dims = {"gate": (h, i2 // 2), "up": (h, i2 // 2), "down": (i2 // 2, h)}
@@ -75,7 +77,8 @@ def check_moe_inputs(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, sl
 # ----------------------------------------------------------------------------- torch twin
 
 
-def fused_moe_torch(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: MoeLoraLayer | None = None, slot_ids=None):
+def fused_moe_torch(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: MoeLoraLayer | None = None, slot_ids=None,
+                    combine: bool = True):
     t, hdim = hidden.shape
     k = topk_ids.shape[1]
     e_num, i2, _ = w_gate_up.shape
@@ -106,98 +109,88 @@ def fused_moe_torch(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: Moe
     if lora is not None and "down" in lora.a:
         u = moe_lora_shrink_torch(h, lora.a["down"], lora.offsets["down"], lora.ranks["down"], topk_ids, slot_ids, lora.rank_bound())
         moe_lora_expand_torch(y, u, lora.b["down"], lora.offsets["down"], lora.ranks["down"], lora.scales, topk_ids, slot_ids)
-    out = (y.view(t, k, hdim) * topk_weights.float().unsqueeze(-1)).sum(1)
-    return out.to(hidden.dtype)
+    terms = y.view(t, k, hdim) * topk_weights.float().unsqueeze(-1)
+    return terms.sum(1).to(hidden.dtype) if combine else terms
 
 
 # ----------------------------------------------------------------------------- triton path
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def gemm_config(num_pairs: int, num_experts: int, out_dim: int, in_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Heuristic tiles: BM by tokens per expert, BN shrunk until all SMs get work."""
-    per_expert = num_pairs / max(num_experts, 1)
-    bm = 16 if per_expert <= 16 else (32 if per_expert <= 48 else 64)
-    bk = 128 if per_expert <= 48 else 64
-    if dtype == torch.float32:
-        bk = min(bk, 32)
-    bk = min(bk, max(16, 1 << (in_dim - 1).bit_length()))
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
-    blocks = min(num_pairs, num_experts) + num_pairs // bm
-    bn = 128 if bm == 64 else 64
-    while bn > 32 and blocks * -(-out_dim // bn) < 2 * sms:
-        bn //= 2
-    bn = min(bn, max(16, 1 << (out_dim - 1).bit_length()))
-    warps = 8 if bm * bn >= 64 * 128 else 4
-    return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=3 if bm == 64 else 4)
-
-
-def moe_gemm_triton(x, w, align: MoeAlignment, out, cfg, x_row_div, fuse_act=False, routed=None):
-    """out[p] = x[row(p)] @ w[e].T (or the fused SiLU*up form), written per pair id."""
+def moe_gemm_triton(x, w, align: MoeAlignment, out, tiles: GemmTiles, x_row_div: int, topk: int, fuse_act=False,
+                    routed=None, slot_ids=None, scales=None, lora0=None, lora1=None, u_stride=0):
+    """out[p] = x[row(p)] @ w[e].T (or the fused SiLU*up form), written per pair id, with the LoRA
+    expand of lora0 / lora1 = (u, b, offsets, ranks) in the epilogue (see moe_gemm_kernel)."""
     from kernels._tl.moe_gemm import moe_gemm_kernel
 
     out_dim = out.shape[1]
-    grid = (align.max_blocks, -(-out_dim // cfg["BN"]))
+    u0, b0, off0, rk0 = lora0 if lora0 is not None else (out, out, align.block_expert, align.block_expert)
+    u1, b1, off1, rk1 = lora1 if lora1 is not None else (u0, b0, off0, rk0)
+    grid = (align.max_blocks, -(-out_dim // tiles.BN))
     moe_gemm_kernel[grid](
         x, w, out, routed if routed is not None else out, align.sorted_ids, align.block_expert, align.num_blocks,
-        align.num_pairs, out_dim, x.shape[1], w.shape[1] // 2 if fuse_act else 0,
-        x.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        X_ROW_DIV=x_row_div, FUSE_ACT=fuse_act, MUL_ROUTED=routed is not None, PRECISION=dot_precision(x.dtype), UPCAST=interp_upcast(x.dtype),
-        **cfg,
+        slot_ids if slot_ids is not None else align.num_blocks, scales if scales is not None else out,
+        u0, b0, off0, rk0, u1, b1, off1, rk1,
+        align.num_pairs, out_dim, x.shape[1], w.shape[1] // 2 if fuse_act else 0, w.shape[0],
+        x.stride(0), w.stride(0), w.stride(1), out.stride(0), u_stride, b0.stride(0), b1.stride(0),
+        X_ROW_DIV=x_row_div, TOPK=topk, FUSE_ACT=fuse_act, MUL_ROUTED=routed is not None, LORA_0=lora0 is not None,
+        LORA_1=lora1 is not None, PRECISION=dot_precision(x.dtype), UPCAST=interp_upcast(x.dtype), BR=RANK_TILE,
+        **tiles.kwargs(),
     )
     return out
 
 
-def fused_moe_triton(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: MoeLoraLayer | None = None, slot_ids=None):
+def fused_moe_triton(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: MoeLoraLayer | None = None, slot_ids=None,
+                     combine: bool = True):
     t, hdim = hidden.shape
     k = topk_ids.shape[1]
     e_num, i2, _ = w_gate_up.shape
     i = i2 // 2
     n = t * k
-    dev = hidden.device
-    cfg_gu = gemm_config(n, e_num, i if lora is None else i2, hdim, hidden.dtype, dev)
-    cfg_dn = gemm_config(n, e_num, hdim, i, hidden.dtype, dev)
-    align = moe_align(topk_ids, e_num, cfg_gu["BM"])
-    align_dn = align if cfg_dn["BM"] == cfg_gu["BM"] else moe_align(topk_ids, e_num, cfg_dn["BM"])
-    routed = topk_weights.reshape(-1).to(torch.float32)
-    lora_gu = lora is not None and ("gate" in lora.a or "up" in lora.a)
+    dev, dt = hidden.device, hidden.dtype
+    tiles_gu = moe_gemm_tiles(n, e_num, i, hdim, dt, dev)
+    tiles_dn = moe_gemm_tiles(n, e_num, hdim, i, dt, dev)  # same BM: both follow pairs per expert
+    lora_gu = [p for p in ("gate", "up") if lora is not None and p in lora.a]
     lora_dn = lora is not None and "down" in lora.a
-    if lora is not None and (lora_gu or lora_dn):
-        rb = lora.rank_bound()
-        la = moe_lora_align(topk_ids, slot_ids, e_num, lora.num_slots, lora_block_m(n))
-    if lora_gu:
-        gu = moe_gemm_triton(hidden, w_gate_up, align, empty(n, i2, dtype=torch.float32, device=dev), cfg_gu, k)
-        first, *second = [p for p in ("gate", "up") if p in lora.a]  # both (one launch) or one
-        tables = lambda pool, p: (pool[p], lora.offsets[p], lora.ranks[p])  # noqa: E731
-        u = moe_lora_shrink_triton(hidden, *tables(lora.a, first), la, k, rb,
-                                   second=tables(lora.a, second[0]) if second else None)
-        moe_lora_expand_triton(gu, u, *tables(lora.b, first), lora.scales, la, 0 if first == "gate" else i,
-                               second=tables(lora.b, second[0]) if second else None, y_pcol=i)
-        h = silu_mul_triton(gu, hidden.dtype)
-    else:
-        cfg_act = gemm_config(n, e_num, i, hdim, hidden.dtype, dev)
-        cfg_act["BM"] = cfg_gu["BM"]
-        h = moe_gemm_triton(hidden, w_gate_up, align, empty(n, i, dtype=hidden.dtype, device=dev), cfg_act, k, fuse_act=True)
-    y = empty(n, hdim, dtype=torch.float32, device=dev)
-    moe_gemm_triton(h, w_down, align_dn, y, cfg_dn, 1, routed=routed)
-    if lora_dn:  # the delta is added before the combine, so it is weighted like the base output
-        u = moe_lora_shrink_triton(h, lora.a["down"], lora.offsets["down"], lora.ranks["down"], la, 1, rb)
-        moe_lora_expand_triton(y, u, lora.b["down"], lora.offsets["down"], lora.ranks["down"], lora.scales, la, 0,
-                               routed=routed)
-    return y.view(t, k, hdim).sum(1).to(hidden.dtype)
+    rb = lora.rank_bound() if lora is not None else 0
+    if rb == 0:
+        lora_gu, lora_dn = [], False
+    slots = slot_ids.to(torch.int32) if lora_gu or lora_dn else None
+    align = moe_align(topk_ids, e_num, tiles_gu.BM, slots, lora.num_slots if slots is not None else 0)
+    routed = topk_weights.reshape(-1).to(torch.float32)
+    epi = dict(slot_ids=slots, scales=lora.scales if slots is not None else None)
+    if lora_gu:  # gate and up read the same x: one shrink for both, u (N, len(lora_gu) * RM)
+        u = moe_lora_shrink_triton(hidden, [(lora.a[p], lora.offsets[p], lora.ranks[p]) for p in lora_gu], align, slots,
+                                   k, k, rb)
+        per_proj = {p: (u[:, j * rb:], lora.b[p], lora.offsets[p], lora.ranks[p]) for j, p in enumerate(lora_gu)}
+        epi.update(lora0=per_proj.get("gate"), lora1=per_proj.get("up"), u_stride=u.stride(0))
+    h = moe_gemm_triton(hidden, w_gate_up, align, empty(n, i, dtype=dt, device=dev), tiles_gu, k, k, fuse_act=True, **epi)
+    epi.update(lora0=None, lora1=None)
+    if lora_dn:  # the delta joins the base output before the routing weight multiplies both
+        u = moe_lora_shrink_triton(h, [(lora.a["down"], lora.offsets["down"], lora.ranks["down"])], align, slots, 1, k, rb)
+        epi.update(lora0=(u, lora.b["down"], lora.offsets["down"], lora.ranks["down"]), u_stride=u.stride(0))
+    y = moe_gemm_triton(h, w_down, align, empty(n, hdim, dtype=torch.float32, device=dev), tiles_dn, 1, k,
+                        routed=routed, **epi)
+    terms = y.view(t, k, hdim)
+    return moe_combine(terms, dt) if combine else terms
 
 
-def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: MoeLoraLayer | None = None, slot_ids=None):
-    """out (T, H) = MoE(hidden) with optional per-slot expert LoRA (see module docstring)."""
-    check_moe_inputs(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids)
+def fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora: MoeLoraLayer | None = None, slot_ids=None,
+              combine: bool = True):
+    """out (T, H) = MoE(hidden) with optional per-slot expert LoRA (see module docstring);
+    combine=False: the (T, K, H) fp32 weighted terms of out instead."""
+    checked_once(_moe_key(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids),
+                 lambda: check_moe_inputs(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids))
     if lora is not None and not lora.projections:
         lora = None
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, hidden.shape[1])
+        k = topk_ids.shape[1]
+        return hidden.new_zeros(0, hidden.shape[1]) if combine else hidden.new_zeros(0, k, hidden.shape[1],
+                                                                                      dtype=torch.float32)
     if use_triton(hidden):
-        return fused_moe_triton(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids)
-    return fused_moe_torch(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids)
+        return fused_moe_triton(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids, combine)
+    return fused_moe_torch(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids, combine)
+
+
+def _moe_key(hidden, w_gate_up, w_down, topk_weights, topk_ids, lora, slot_ids) -> tuple:
+    key = ("fused_moe", meta(hidden), meta(w_gate_up), meta(w_down), meta(topk_weights), meta(topk_ids), meta(slot_ids))
+    return key if lora is None else key + (lora.signature(),)

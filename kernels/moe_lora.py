@@ -1,4 +1,4 @@
-"""Rank-exact MoE LoRA: shrink (x @ A^T) and expand (u @ B^T) over (expert, slot) groups.
+"""Rank-exact MoE LoRA: shrink (x @ A^T) and expand (u @ B^T) over aligned routed pairs.
 
 Legend: T tokens, K top-k, N = T*K pairs, E experts, S adapter slots, R pool rank rows,
 RM rank bound (width of the shrink buffer), IN/OUT projection dims.
@@ -8,27 +8,18 @@ r = ranks[s, e] (r == 0: no LoRA):
     u[p, :r]             = x[row(p)] @ a[o:o+r].T             (shrink; row(p) = t or p)
     y[p, col:col+OUT]   += scale[s] * u[p, :r] @ b[o:o+r]     (expand, in place)
 Only r rank rows are touched per pair (rank tiles of BR, masked): cost ~ sum of ranks.
+The kernels read each row's slot, so any alignment by expert serves them: the (expert, slot)
+one of `moe_lora_align` (the standalone ops here, the dense attention LoRA) or fused MoE's
+slot-sorted by-expert one, where the expand runs inside the expert GEMM (kernels/fused_moe.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import check, empty, check_same_device, dot_precision, interp_upcast, use_triton
+from kernels._dispatch import check, check_same_device, checked_once, dot_precision, empty, interp_upcast, meta, use_triton
 from kernels.moe_align import MoeAlignment, moe_lora_align
-
-RANK_TILE = 16  # BR
-
-
-def _pow2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
-    p = lo
-    while p < n and p < hi:
-        p *= 2
-    return p
-
-
-def lora_block_m(num_pairs: int) -> int:
-    return 16 if num_pairs <= 2048 else (32 if num_pairs <= 16384 else 64)
+from kernels.tiles import RANK_TILE, lora_block_m, lora_expand_bn, lora_shrink_bk
 
 
 def _check_tables(offsets: torch.Tensor, ranks: torch.Tensor, num_experts: int, num_slots: int) -> None:
@@ -96,66 +87,52 @@ def moe_lora_expand_torch(y, u, b, offsets, ranks, scales, topk_ids, slot_ids, y
 # ----------------------------------------------------------------------------- triton launchers
 
 
-def moe_lora_shrink_triton(x, a, offsets, ranks, align: MoeAlignment, row_div, rank_bound, out=None, second=None):
-    """u (N, RM) fp32; with second = (a1, offsets1, ranks1), u (N, 2*RM) holds projection 1 in
-    columns [RM, 2RM): both projections (gate and up read the same x) in one launch."""
+def moe_lora_shrink_triton(x, projections, align: MoeAlignment, slot_ids, row_div: int, topk: int, rank_bound: int,
+                           out=None):
+    """u (N, NP * RM) fp32 from NP <= 3 projections [(a, offsets, ranks)] reading the same x, in
+    one launch: projection q in columns [q * RM, q * RM + r). slot_ids (T,) int32."""
     from kernels._tl.lora import lora_shrink_kernel
 
     n = align.num_pairs
-    num_p = 1 if second is None else 2
+    num_p = len(projections)
     width = max(rank_bound, 1)
     u = out if out is not None else empty(n, num_p * width, dtype=torch.float32, device=x.device)
     if rank_bound == 0 or n == 0:
         return u
-    a1, off1, rk1 = second if second is not None else (a, offsets, ranks)
+    (a0, off0, rk0), (a1, off1, rk1), (a2, off2, rk2) = (projections + [projections[0]] * 2)[:3]
     in_dim = x.shape[1]
-    bk = _pow2(in_dim, 16, 128 if x.dtype != torch.float32 else 64)
     grid = (align.max_blocks, triton_cdiv(rank_bound, RANK_TILE), num_p)
     lora_shrink_kernel[grid](
-        x, a, a1, u, align.sorted_ids, align.block_expert, align.block_slot, align.num_blocks,
-        offsets, ranks, off1, rk1, n, offsets.shape[1], in_dim, u.shape[1] // num_p,
-        x.stride(0), a.stride(0), u.stride(0),
-        X_ROW_DIV=row_div, PRECISION=dot_precision(x.dtype), UPCAST=interp_upcast(x.dtype), BM=align.block_m, BR=RANK_TILE, BK=bk,
-        num_warps=4,
+        x, a0, a1, a2, u, align.sorted_ids, align.block_expert, align.num_blocks, slot_ids,
+        off0, rk0, off1, rk1, off2, rk2, n, off0.shape[1], in_dim, u.shape[1] // num_p,
+        x.stride(0), a0.stride(0), a1.stride(0), a2.stride(0), u.stride(0),
+        X_ROW_DIV=row_div, TOPK=topk, PRECISION=dot_precision(x.dtype), UPCAST=interp_upcast(x.dtype),
+        BM=align.block_m, BR=RANK_TILE, BK=lora_shrink_bk(in_dim, x.dtype), num_warps=4,
     )
     return u
 
 
-def moe_lora_expand_triton(y, u, b, offsets, ranks, scales, align: MoeAlignment, y_col=0, second=None, y_pcol=0,
-                           routed=None):
-    """In place on y; with second = (b1, offsets1, ranks1), projection 1 reads u's second half
-    of columns and adds at y_col + y_pcol. routed (N,) fp32 multiplies the delta per pair."""
+def moe_lora_expand_triton(y, u, projections, scales, align: MoeAlignment, slot_ids, topk: int):
+    """In place on y from NP <= 3 projections [(b, offsets, ranks, y_col)]: projection q reads
+    u's columns from q * (u.shape[1] // NP) and adds at y[:, y_col:y_col + OUT_q], one launch."""
     from kernels._tl.lora import lora_expand_kernel
 
     n = align.num_pairs
-    out_dim = b.shape[1]
     if n == 0:
         return y
-    num_p = 1 if second is None else 2
-    b1, off1, rk1 = second if second is not None else (b, offsets, ranks)
-    bn = _pow2(out_dim, 16, 128 if b.dtype != torch.float32 else 64)
-    grid = (align.max_blocks, triton_cdiv(out_dim, bn), num_p)
+    num_p = len(projections)
+    (b0, off0, rk0, c0), (b1, off1, rk1, c1), (b2, off2, rk2, c2) = (projections + [projections[0]] * 2)[:3]
+    outs = [p[0].shape[1] for p in projections] + [0] * (3 - num_p)
+    bn = lora_expand_bn(max(outs), b0.dtype)
+    grid = (align.max_blocks, triton_cdiv(max(outs), bn), num_p)
     lora_expand_kernel[grid](
-        u, b, b1, y, scales, routed if routed is not None else scales, align.sorted_ids, align.block_expert,
-        align.block_slot, align.num_blocks, offsets, ranks, off1, rk1, n, offsets.shape[1], out_dim, y_col,
-        u.shape[1] // num_p, y_pcol, u.stride(0), b.stride(0), y.stride(0),
-        MUL_ROUTED=routed is not None, PRECISION=dot_precision(b.dtype), UPCAST=interp_upcast(b.dtype),
+        u, b0, b1, b2, y, scales, align.sorted_ids, align.block_expert, align.num_blocks, slot_ids,
+        off0, rk0, off1, rk1, off2, rk2, n, off0.shape[1], *outs, c0, c1, c2, u.shape[1] // num_p,
+        u.stride(0), b0.stride(0), b1.stride(0), b2.stride(0), y.stride(0),
+        TOPK=topk, PRECISION=dot_precision(b0.dtype), UPCAST=interp_upcast(b0.dtype),
         BM=align.block_m, BN=bn, BR=RANK_TILE, num_warps=4,
     )
     return y
-
-
-def silu_mul_triton(gu: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """h (N, I) = silu(gu[:, :I]) * gu[:, I:] in one launch (gu (N, 2I) fp32)."""
-    from kernels._tl.lora import silu_mul_kernel
-
-    n, i2 = gu.shape
-    i = i2 // 2
-    h = empty(n, i, dtype=dtype, device=gu.device)
-    if n:
-        bi = _pow2(i, 16, 1024)
-        silu_mul_kernel[(n, triton_cdiv(i, bi))](gu, h, i, gu.stride(0), h.stride(0), BI=bi, num_warps=4)
-    return h
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -180,17 +157,21 @@ def moe_lora_shrink(x, a, offsets, ranks, topk_ids, slot_ids, rank_bound: int, a
 
     x (T, IN) or (N, IN); a (R, IN); offsets/ranks (S, E) int32; topk_ids (T, K); slot_ids (T,).
     """
-    _check_common(x, a, offsets, ranks, topk_ids, slot_ids)
-    check(x.dim() == 2 and a.shape[1] == x.shape[1], f"a (R, {x.shape[-1]}) expected, got {tuple(a.shape)}")
-    check(x.dtype == a.dtype, f"x and a dtypes differ: {x.dtype} vs {a.dtype}")
-    if out is not None:
-        check(out.shape == (topk_ids.numel(), rank_bound) and out.dtype == torch.float32, "out must be (N, RM) fp32")
-    div = _row_div(x, topk_ids)
+    def run_check():
+        _check_common(x, a, offsets, ranks, topk_ids, slot_ids)
+        check(x.dim() == 2 and a.shape[1] == x.shape[1], f"a (R, {x.shape[-1]}) expected, got {tuple(a.shape)}")
+        check(x.dtype == a.dtype, f"x and a dtypes differ: {x.dtype} vs {a.dtype}")
+        if out is not None:
+            check(out.shape == (topk_ids.numel(), rank_bound) and out.dtype == torch.float32, "out must be (N, RM) fp32")
+        _row_div(x, topk_ids)
+
+    checked_once(("moe_lora_shrink", *map(meta, (x, a, offsets, ranks, topk_ids, slot_ids, out)), rank_bound), run_check)
     if not use_triton(x):
         return moe_lora_shrink_torch(x, a, offsets, ranks, topk_ids, slot_ids, rank_bound, out)
     if align is None:
         align = moe_lora_align(topk_ids, slot_ids, offsets.shape[1], offsets.shape[0], lora_block_m(topk_ids.numel()))
-    return moe_lora_shrink_triton(x, a, offsets, ranks, align, div, rank_bound, out)
+    return moe_lora_shrink_triton(x, [(a, offsets, ranks)], align, slot_ids.to(torch.int32), _row_div(x, topk_ids),
+                                  topk_ids.shape[1], rank_bound, out)
 
 
 def moe_lora_expand_(y, u, b, offsets, ranks, scales, topk_ids, slot_ids, y_col: int = 0, align: MoeAlignment | None = None):
@@ -198,15 +179,21 @@ def moe_lora_expand_(y, u, b, offsets, ranks, scales, topk_ids, slot_ids, y_col:
 
     y (N, >= y_col+OUT) any float dtype; u (N, RM) fp32; b (R, OUT); scales (S,) fp32.
     """
-    _check_common(u, b, offsets, ranks, topk_ids, slot_ids)
     n = topk_ids.numel()
-    check(u.shape[0] == n and u.dtype == torch.float32, f"u must be (N={n}, RM) fp32, got {tuple(u.shape)} {u.dtype}")
-    check(y.dim() == 2 and y.shape[0] == n and y.shape[1] >= y_col + b.shape[1] and y.stride(1) == 1,
-          f"y must be (N={n}, >={y_col + b.shape[1]}) with contiguous rows, got {tuple(y.shape)}")
-    check(scales.shape == (offsets.shape[0],) and scales.dtype == torch.float32, "scales must be (S,) float32")
-    check_same_device(y=y, scales=scales, u=u)
+
+    def run_check():
+        _check_common(u, b, offsets, ranks, topk_ids, slot_ids)
+        check(u.shape[0] == n and u.dtype == torch.float32, f"u must be (N={n}, RM) fp32, got {tuple(u.shape)} {u.dtype}")
+        check(y.dim() == 2 and y.shape[0] == n and y.shape[1] >= y_col + b.shape[1] and y.stride(1) == 1,
+              f"y must be (N={n}, >={y_col + b.shape[1]}) with contiguous rows, got {tuple(y.shape)}")
+        check(scales.shape == (offsets.shape[0],) and scales.dtype == torch.float32, "scales must be (S,) float32")
+        check_same_device(y=y, scales=scales, u=u)
+
+    checked_once(("moe_lora_expand_", *map(meta, (y, u, b, offsets, ranks, scales, topk_ids, slot_ids)), y_col),
+                 run_check)
     if not use_triton(y):
         return moe_lora_expand_torch(y, u, b, offsets, ranks, scales, topk_ids, slot_ids, y_col)
     if align is None:
         align = moe_lora_align(topk_ids, slot_ids, offsets.shape[1], offsets.shape[0], lora_block_m(n))
-    return moe_lora_expand_triton(y, u, b, offsets, ranks, scales, align, y_col)
+    return moe_lora_expand_triton(y, u, [(b, offsets, ranks, y_col)], scales, align, slot_ids.to(torch.int32),
+                                  topk_ids.shape[1])

@@ -5,6 +5,11 @@ twin otherwise. Triton is imported lazily, so this module imports without it.
 Legend: T tokens, K top-k, N = T*K pairs, E experts, S adapter slots, R pool rank rows,
 RM rank bound, H hidden, I intermediate, B sequences, QH/KVH heads, D head dim,
 NB cache blocks, BS block size, MAXB blocks per sequence.
+
+A decoder layer's ops, one launch each on the Triton path: rms_norm / add_rms_norm_ (residual
+add + RMSNorm; folds in the MoE combine), attention_input (q/k norm, RoPE, KV store),
+paged_decode_attention / paged_prefill_attention, route_topk (softmax, top-k, renorm, cast),
+fused_moe (alignment, two expert GEMMs with fused epilogues, LoRA shrinks), dense_lora_.
 """
 
 from __future__ import annotations
@@ -12,28 +17,39 @@ from __future__ import annotations
 import torch
 
 from kernels._dispatch import use_triton
-from kernels.dense_lora import dense_lora_
+from kernels.attention_input import attention_input
+from kernels.dense_lora import dense_lora_, dense_lora_cols_, dense_lora_plan
 from kernels.fused_moe import fused_moe
 from kernels.lora_types import DenseLoraLayer, MoeLoraLayer
 from kernels.moe_align import MoeAlignment, dense_lora_align, moe_align, moe_lora_align
-from kernels.moe_lora import lora_block_m, moe_lora_expand_, moe_lora_shrink
+from kernels.moe_lora import moe_lora_expand_, moe_lora_shrink
+from kernels.norm import add_rms_norm_, moe_combine, rms_norm
 from kernels.padded import pad_moe_lora
 from kernels.paged_attention import paged_decode_attention, paged_prefill_attention, store_kv
+from kernels.router import route_topk
+from kernels.tiles import lora_block_m
 
 __all__ = [
     "DenseLoraLayer",
     "MoeAlignment",
     "MoeLoraLayer",
+    "add_rms_norm_",
+    "attention_input",
     "dense_lora_",
+    "dense_lora_cols_",
+    "dense_lora_plan",
     "dense_lora_align",
     "fused_moe",
     "moe_align",
+    "moe_combine",
     "moe_lora_align",
     "moe_lora_expand_",
     "moe_lora_shrink",
     "pad_moe_lora",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "rms_norm",
+    "route_topk",
     "store_kv",
     "moe_lora_delta",
 ]

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import check, check_same_device, dot_precision, empty, interp_upcast, use_triton
+from kernels._dispatch import check, check_same_device, checked_once, dot_precision, empty, interp_upcast, meta, use_triton
+from kernels.tiles import prefill_attention_tiles
 
 
 def _p2(n: int) -> int:
@@ -35,8 +36,7 @@ def store_kv_torch(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache.view(nb * bs, kvh, d)[idx] = v[keep]
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Write k, v (T, KVH, D) into the paged caches at slot_mapping (T,) int64 (-1 = skip)."""
+def _check_store(k, v, k_cache, v_cache, slot_mapping) -> None:
     check_cache(k_cache, v_cache)
     _, _, kvh, d = k_cache.shape
     check(k.dim() == 3 and k.shape == v.shape and k.shape[1:] == (kvh, d), f"k, v must be (T, {kvh}, {d}), got {tuple(k.shape)}, {tuple(v.shape)}")
@@ -44,6 +44,13 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     check(k.dtype == k_cache.dtype and v.dtype == v_cache.dtype, f"k/v dtype {k.dtype} != cache dtype {k_cache.dtype}")
     check(k.stride(2) == 1 and v.stride(2) == 1, "k and v must have a contiguous last dim")
     check_same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Write k, v (T, KVH, D) into the paged caches at slot_mapping (T,) int64 (-1 = skip)."""
+    checked_once(("store_kv", *map(meta, (k, v, k_cache, v_cache, slot_mapping))),
+                 lambda: _check_store(k, v, k_cache, v_cache, slot_mapping))
+    _, _, kvh, d = k_cache.shape
     if k.shape[0] == 0:
         return
     if not use_triton(k):
@@ -90,17 +97,29 @@ def _check_paged(q, k_cache, v_cache, block_tables, q_rows: str, tables: int | N
     return bs, kvh, d, qh
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
-    """q (B, QH, D) -> (B, QH, D); block_tables (B, MAXB) int32, context_lens (B,) int32."""
-    bs, kvh, d, qh = _check_paged(q, k_cache, v_cache, block_tables, "B", None)
+def _check_decode(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
+    _check_paged(q, k_cache, v_cache, block_tables, "B", None)
     b = q.shape[0]
     check(context_lens.shape == (b,) and context_lens.dtype == torch.int32, "context_lens must be (B,) int32")
-    check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens)
+    if out is not None:
+        check(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, "out must be like q")
+    check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens, out=out)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, QH, D) -> (B, QH, D); block_tables (B, MAXB) int32, context_lens (B,) int32.
+    out (B, QH, D) like q (a view into a larger buffer is fine): written in place and returned."""
+    checked_once(("paged_decode_attention", *map(meta, (q, k_cache, v_cache, block_tables, context_lens, out))),
+                 lambda: _check_decode(q, k_cache, v_cache, block_tables, context_lens, out))
+    b, qh, d = q.shape
+    _, bs, kvh, _ = k_cache.shape
     if not use_triton(q):
-        return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+        res = paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return res if out is None else out.copy_(res)
     from kernels._tl.attention import paged_decode_kernel
 
-    out = empty(*q.shape, dtype=q.dtype, device=q.device)
+    out = out if out is not None else empty(*q.shape, dtype=q.dtype, device=q.device)
     if b == 0:
         return out
     paged_decode_kernel[(b, qh)](
@@ -145,14 +164,22 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q, context_len
     max_q_len >= every chunk's length. Writes the chunks' rows of out (T, QH, D) and returns it;
     other rows are left as they are."""
     c = context_lens.shape[0]
-    bs, kvh, d, qh = _check_paged(q, k_cache, v_cache, block_tables, "T", c)
-    t = q.shape[0]
-    check(cu_q.shape == (c + 1,) and cu_q.dtype == torch.int32, f"cu_q must be (C+1={c + 1},) int32")
-    check(context_lens.dtype == torch.int32, "context_lens must be int32")
+
+    def run_check():
+        _check_paged(q, k_cache, v_cache, block_tables, "T", c)
+        check(cu_q.shape == (c + 1,) and cu_q.dtype == torch.int32, f"cu_q must be (C+1={c + 1},) int32")
+        check(context_lens.dtype == torch.int32, "context_lens must be int32")
+        if out is not None:
+            check(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, "out must be like q")
+        check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, cu_q=cu_q, context_lens=context_lens,
+                          out=out)
+
+    checked_once(("paged_prefill_attention", *map(meta, (q, k_cache, v_cache, block_tables, cu_q, context_lens, out))),
+                 run_check)
+    t, qh, d = q.shape
+    _, bs, kvh, _ = k_cache.shape
     if out is None:
         out = empty(t, qh, d, dtype=q.dtype, device=q.device)
-    check(out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, "out must be like q")
-    check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, cu_q=cu_q, context_lens=context_lens, out=out)
     if c == 0 or max_q_len == 0:
         return out
     if not use_triton(q):
@@ -160,12 +187,11 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q, context_len
                                              scale, out)
     from kernels._tl.attention import paged_prefill_kernel
 
-    bm = 16 if max_q_len <= 16 else (32 if max_q_len <= 32 else 64)
-    bn = 32 if d > 128 else 64
-    paged_prefill_kernel[(c, -(-max_q_len // bm), qh)](
+    tiles = prefill_attention_tiles(max_q_len, d)
+    paged_prefill_kernel[(c, -(-max_q_len // tiles.BM), qh)](
         q, k_cache, v_cache, out, block_tables, cu_q, context_lens, float(scale), kvh, d, block_tables.shape[1],
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         G=qh // kvh, BS=bs, DP=max(16, _p2(d)), PRECISION=dot_precision(q.dtype), UPCAST=interp_upcast(q.dtype),
-        BM=bm, BN=bn, num_warps=4,
+        BM=tiles.BM, BN=tiles.BN, num_warps=tiles.num_warps,
     )
     return out

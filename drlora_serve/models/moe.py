@@ -20,24 +20,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import dense_lora_, fused_moe, paged_decode_attention, paged_prefill_attention, store_kv
+from kernels import (add_rms_norm_, attention_input, dense_lora_, dense_lora_cols_, dense_lora_plan, fused_moe,
+                     paged_decode_attention, paged_prefill_attention, rms_norm, route_topk)
 
 from drlora.families import MoeArch
 from drlora_serve.context import ForwardContext
 from drlora_serve.weights import WeightSource
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (T, heads, D); cos/sin (T, 1, D)
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
 
 
 class MoeForServing:
@@ -141,52 +129,45 @@ class MoeForServing:
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids (T,) -> final hidden states (T, H)."""
         x = self.embed[input_ids]  # (T, H)
-        cos = self.cos[ctx.positions].unsqueeze(1)  # (T, 1, D)
-        sin = self.sin[ctx.positions].unsqueeze(1)
+        ctx.dense_lora_align = None  # computed by the first attention / shared-expert LoRA of this forward
+        residual = None  # the residual stream; add_rms_norm_ adds each sublayer's output in place
         for l, w in enumerate(self.layers):
-            h = rms_norm(x, w["in_norm"], self.eps)
-            x = x + self.attention(l, w, h, cos, sin, ctx)
-            h = rms_norm(x, w["post_norm"], self.eps)
-            x = x + (self.moe(l, w, h, ctx) if "router" in w else self.dense_mlp(w, h))
-        return rms_norm(x, self.norm, self.eps)
+            if residual is None:
+                residual, h = x, rms_norm(x, w["in_norm"], self.eps)
+            else:
+                h = add_rms_norm_(x, residual, w["in_norm"], self.eps)
+            x = self.attention(l, w, h, ctx)
+            h = add_rms_norm_(x, residual, w["post_norm"], self.eps)
+            # (T, K, H) fp32 routing-weighted expert outputs (summed by the next norm), or (T, H)
+            x = self.moe(l, w, h, ctx) if "router" in w else self.dense_mlp(w, h)
+        return add_rms_norm_(x, residual, self.norm, self.eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.lm_head.T).float()  # (N, V) fp32
 
-    def attention(self, l, w, h, cos, sin, ctx: ForwardContext) -> torch.Tensor:
+    def attention(self, l, w, h, ctx: ForwardContext) -> torch.Tensor:
         T = h.shape[0]
         QH, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = h @ w["qkv"].T  # (T, QH*D + 2*KVH*D)
         if "qkv_bias" in w:
             qkv = qkv + w["qkv_bias"]
-        q, k, v = qkv.split([QH * D, KVH * D, KVH * D], dim=-1)
-        if ctx.lora is not None:
-            for name, y in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                dl = ctx.lora.dense(l, name)
-                if dl is not None:
-                    dense_lora_(y, h, dl, ctx.slot_ids)
-        per_head = self.arch.family.qk_norm == "head"
-        if "q_norm" in w and not per_head:  # OLMoE: over the whole projection, before the head split
-            q = rms_norm(q, w["q_norm"], self.eps)
-            k = rms_norm(k, w["k_norm"], self.eps)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q, k = q.reshape(T, QH, D), k.reshape(T, KVH, D)
-        if per_head:  # Qwen3-MoE: per head, after the split
-            q = rms_norm(q, w["q_norm"], self.eps)
-            k = rms_norm(k, w["k_norm"], self.eps)
-        q = rotate(q, cos, sin)
-        k = rotate(k, cos, sin).contiguous()
-        v = v.reshape(T, KVH, D).contiguous()
+        if ctx.lora is not None:  # q, k, v deltas into their columns of qkv: one shrink, one expand
+            parts = [(ctx.lora.dense(l, p), c) for p, c in (("q_proj", 0), ("k_proj", QH * D), ("v_proj", (QH + KVH) * D))]
+            dense_lora_cols_(qkv, h, parts, ctx.slot_ids, self._dense_align(parts, ctx))
         k_cache, v_cache = self.kv_caches[l]
-        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        out = torch.empty_like(q)  # (T, QH, D)
+        # q/k RMSNorm (over the full projection width: (QH*D,) weights; per head: (D,) weights;
+        # none), clip, RoPE, and k/v into the paged cache, in one launch
+        q = attention_input(qkv, w.get("q_norm"), w.get("k_norm"), self.eps, self.cos, self.sin, ctx.positions,
+                            k_cache, v_cache, ctx.slot_mapping, QH, KVH, D, self.clip_qkv)  # (T, QH, D)
         nd = ctx.num_decode
-        if nd:
-            out[:nd] = paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, ctx.block_tables,
-                                              ctx.context_lens, self.scale)
-        if ctx.prefill is not None:  # every chunk in one launch, over its cached prefix and itself
-            pf = ctx.prefill
+        if ctx.prefill is None:  # decode only: every row is a decode row
+            out = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+        else:
+            out = torch.empty_like(q)  # (T, QH, D)
+            if nd:  # written in place: rows [0, nd)
+                paged_decode_attention(q[:nd], k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale,
+                                       out=out[:nd])
+            pf = ctx.prefill  # every chunk in one launch, over its cached prefix and itself
             paged_prefill_attention(q, k_cache, v_cache, pf.block_tables, pf.cu_q, pf.context_lens, pf.max_q_len,
                                     self.scale, out=out)
         out = out.reshape(T, QH * D)
@@ -196,25 +177,31 @@ class MoeForServing:
         if ctx.lora is not None:
             dl = ctx.lora.dense(l, "o_proj")
             if dl is not None:
-                dense_lora_(y, out, dl, ctx.slot_ids)
+                dense_lora_(y, out, dl, ctx.slot_ids, self._dense_align([(dl, 0)], ctx))
         return y
 
+    @staticmethod
+    def _dense_align(parts, ctx: ForwardContext):
+        """The step's token alignment by slot, made once per forward when dense LoRA runs."""
+        if ctx.dense_lora_align is None and any(p[0] is not None for p in parts):
+            ctx.dense_lora_align = dense_lora_plan(ctx.slot_ids, ctx.lora.num_slots)
+        return ctx.dense_lora_align
+
     def moe(self, l, w, h, ctx: ForwardContext) -> torch.Tensor:
+        """(T, K, H) fp32 routing-weighted expert outputs (their sum is the layer's output); with a
+        shared expert, the (T, H) sum of both."""
         logits = h @ w["router"].T  # (T, E)
         for slot, rows in ctx.router_groups:  # adapters with their own router weights
             logits[rows] = h[rows] @ ctx.lora.router[l][slot].T
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        topk_w, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # (T, K)
-        if self.norm_topk:
-            topk_w = topk_w / topk_w.sum(-1, keepdim=True)
-        if self.arch.family.cast_routing:
-            # transformers casts the routing weights back to the model dtype before mixing
-            # (Mixtral keeps them fp32)
-            topk_w = topk_w.to(h.dtype).float()
+        # fp32 softmax, top-k, renormalised if norm_topk_prob, weights rounded to the model dtype
+        # as transformers does (Mixtral keeps them fp32)
+        topk_w, topk_ids = route_topk(logits, self.top_k, self.norm_topk,
+                                      round_weights=self.arch.family.cast_routing)  # (T, K) fp32, int32
         lora = ctx.lora.moe_layer(l) if ctx.lora is not None else None
-        out = fused_moe(h, w["w13"], w["w2"], topk_w, topk_ids.to(torch.int32), lora,
-                        ctx.slot_ids if lora is not None else None)
-        if "shared_w13" in w:
+        shared = "shared_w13" in w
+        out = fused_moe(h, w["w13"], w["w2"], topk_w, topk_ids, lora, ctx.slot_ids if lora is not None else None,
+                        combine=shared)
+        if shared:
             out = out + self.shared_expert(l, w, h, ctx)
         return out
 
@@ -222,17 +209,15 @@ class MoeForServing:
         """Qwen2-MoE: sigmoid(h @ g) * down(silu(gate(h)) * up(h)), with optional dense LoRA."""
         S = w["shared_w2"].shape[1]
         gu = h @ w["shared_w13"].T  # (T, 2*IS)
-        if ctx.lora is not None:
-            for name, y in (("shared_gate", gu[:, :S]), ("shared_up", gu[:, S:])):
-                dl = ctx.lora.dense(l, name)
-                if dl is not None:
-                    dense_lora_(y, h, dl, ctx.slot_ids)
+        if ctx.lora is not None:  # gate and up deltas into their columns: one shrink, one expand
+            parts = [(ctx.lora.dense(l, "shared_gate"), 0), (ctx.lora.dense(l, "shared_up"), S)]
+            dense_lora_cols_(gu, h, parts, ctx.slot_ids, self._dense_align(parts, ctx))
         act = F.silu(gu[:, :S]) * gu[:, S:]  # (T, IS)
         y = act @ w["shared_w2"].T  # (T, H)
         if ctx.lora is not None:
             dl = ctx.lora.dense(l, "shared_down")
             if dl is not None:
-                dense_lora_(y, act, dl, ctx.slot_ids)
+                dense_lora_(y, act, dl, ctx.slot_ids, self._dense_align([(dl, 0)], ctx))
         return torch.sigmoid(h @ w["shared_gate"].T) * y
 
     def dense_mlp(self, w, h) -> torch.Tensor:

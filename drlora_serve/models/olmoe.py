@@ -8,9 +8,9 @@ OlmoeForCausalLM (tests/serve/test_reference.py).
 
 from __future__ import annotations
 
-from drlora_serve.models.moe import MoeForServing, rms_norm, rotate
+from drlora_serve.models.moe import MoeForServing
 
-__all__ = ["OlmoeForServing", "rms_norm", "rotate"]
+__all__ = ["OlmoeForServing"]
 
 
 class OlmoeForServing(MoeForServing):

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # for kt_helpers
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in [m for m in sys.modules if m.startswith("kernels._tl.")]:
+    for _name in sorted(m for m in sys.modules if m.startswith("kernels._tl.")):  # lora before moe_gemm
         importlib.reload(sys.modules[_name])
 
 

@@ -58,3 +58,50 @@ def test_errors():
         dense_lora_(torch.zeros(3, 25), torch.zeros(3, 40), lora, torch.zeros(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="dtype"):
         dense_lora_(torch.zeros(3, 24), torch.zeros(3, 40).half(), lora, torch.zeros(3, dtype=torch.int32))
+
+
+def _shared_scales(loras):
+    for l in loras[1:]:
+        l.scales = loras[0].scales
+    return loras
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("present", [(True, True, True), (True, False, True), (False, True, False)])
+def test_cols_triton_vs_twin(present, dtype, triton_on):
+    """q, k, v (GQA widths 24, 8, 8) into their columns of one qkv output: one shrink, one expand,
+    over the step's shared alignment (dense_lora_plan)."""
+    from kernels import dense_lora_cols_, dense_lora_plan
+
+    T, S, IN, outs = 11, 3, 40, (24, 8, 8)
+    dev = triton_on
+    loras = _shared_scales([make_dense_lora(S, IN, o, dtype, dev) for o in outs])
+    cols = (0, 24, 32)
+    parts = [(l if p else None, c) for l, c, p in zip(loras, cols, present)]
+    x = torch.randn(T, IN).to(dtype).to(dev)
+    y0 = torch.randn(T, 40).to(dtype).to(dev)
+    slots = torch.randint(-1, S, (T,), dtype=torch.int32).to(dev)
+    plan = dense_lora_plan(slots, S)
+    assert plan is not None
+    y = dense_lora_cols_(y0.clone(), x, parts, slots, plan)
+    ref = y0.cpu().clone()
+    for l, c, p in zip(loras, cols, present):
+        if p:
+            dense_lora_torch_(ref[:, c:c + l.b.shape[1]], x.cpu(), _cpu(l), slots.cpu())
+    assert_close(y, ref, dtype)
+
+
+def test_cols_twin_equals_per_projection():
+    from kernels import dense_lora_cols_
+
+    T, S = 6, 2
+    loras = _shared_scales([make_dense_lora(S, 40, o, torch.float32, "cpu") for o in (16, 8, 8)])
+    x, y0 = torch.randn(T, 40), torch.randn(T, 32)
+    slots = torch.randint(-1, S, (T,), dtype=torch.int32)
+    y = dense_lora_cols_(y0.clone(), x, [(loras[0], 0), (loras[1], 16), (loras[2], 24)], slots)
+    ref = y0.clone()
+    for l, c in zip(loras, (0, 16, 24)):
+        ref[:, c:c + l.b.shape[1]] = _loop(ref[:, c:c + l.b.shape[1]], x, l, slots)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        dense_lora_cols_(y0.clone(), x, [(loras[0], 20)], slots)

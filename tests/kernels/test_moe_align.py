@@ -106,3 +106,55 @@ def test_moe_lora_align_triton(T, K, E, S, bm, triton_on):
 def test_dense_align_all_base_triton(triton_on):
     al = dense_lora_align(torch.full((5,), -1, dtype=torch.int32, device=triton_on), 3, 16)
     assert int(al.num_blocks) == 0 and (al.sorted_ids.cpu() == 5).all() and (al.block_slot.cpu() == -1).all()
+
+
+def _check_slot_sorted(al, ids, slots, E, bm):
+    """The slot-sorted by-expert layout: the blocks of moe_align (padding per expert), each
+    expert's pairs ordered by slot (base pairs first). Returns the slot of every position."""
+    K = ids.shape[1]
+    e = ids.reshape(-1).long().cpu()
+    s = slots.long().cpu().repeat_interleave(K)
+    n = e.numel()
+    counts = torch.bincount(e, minlength=E)
+    assert int(al.num_blocks) == int(((counts + bm - 1) // bm).sum()), "padding per expert, not per slot"
+    for _ in _check(al, e, None, E, bm):  # blocks hold one expert, ascending, every pair once
+        pass
+    sid = al.sorted_ids.cpu()
+    pos_slot = torch.where(sid < n, s[sid.clamp(max=n - 1)], -2)
+    for ex in range(E):
+        blocks = (al.block_expert.cpu() == ex).nonzero().squeeze(1)
+        if blocks.numel() == 0:
+            continue
+        rows = torch.cat([sid[b * bm:(b + 1) * bm] for b in blocks.tolist()])
+        real = rows[rows < n]
+        assert (rows[: real.numel()] < n).all(), "an expert's padding is at its end only"
+        assert (e[real] == ex).all()
+        assert s[real].tolist() == sorted(s[real].tolist()), "pairs ordered by slot inside an expert"
+    return pos_slot
+
+
+@pytest.mark.parametrize("T,K,E,S,bm", [(1, 2, 4, 3, 4), (9, 2, 5, 3, 4), (30, 3, 4, 2, 8), (64, 8, 64, 16, 16)])
+def test_moe_align_slot_sorted(T, K, E, S, bm, device):
+    from kernels.moe_align import moe_align_slots_torch
+
+    ids = torch.randint(0, E, (T, K), dtype=torch.int32, device=device)
+    slots = torch.randint(-1, S, (T,), dtype=torch.int32, device=device)
+    al = moe_align(ids, E, bm, slots, S)
+    _check_slot_sorted(al, ids, slots, E, bm)
+    tw = moe_align_slots_torch(ids.cpu(), slots.cpu(), E, S, bm)
+    assert tw.block_expert.tolist() == moe_align(ids.cpu(), E, bm).block_expert.tolist(), "same blocks as by expert"
+
+
+@pytest.mark.parametrize("T,K,E,S,bm", [(1, 2, 4, 3, 4), (9, 2, 5, 3, 4), (30, 3, 4, 2, 8), (64, 8, 64, 16, 16),
+                                        (20, 2, 3, 40, 16)])  # more slots than one scan tile row
+def test_moe_align_slot_sorted_triton(T, K, E, S, bm, triton_on):
+    from kernels.moe_align import moe_align_slots_torch
+
+    ids = torch.randint(0, E, (T, K), dtype=torch.int64, device=triton_on)
+    slots = torch.randint(-1, S, (T,), dtype=torch.int32, device=triton_on)
+    slots[0] = S - 1
+    al = moe_align(ids, E, bm, slots, S)
+    got = _check_slot_sorted(al, ids, slots, E, bm)
+    tw = moe_align_slots_torch(ids.cpu(), slots.cpu(), E, S, bm)
+    assert al.block_expert.cpu().tolist() == tw.block_expert.tolist()
+    assert got.tolist() == _check_slot_sorted(tw, ids.cpu(), slots.cpu(), E, bm).tolist(), "same slot per position"

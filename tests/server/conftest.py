@@ -51,14 +51,17 @@ class ServerProcess:
     """A server in a subprocess; `stop()` sends SIGINT (graceful) and kills after a timeout."""
 
     def __init__(self, args: list[str], env: dict | None = None, log: Path | None = None,
-                 startup_timeout: float = 120.0) -> None:
+                 startup_timeout: float = 120.0, group: bool = False) -> None:
+        """group: the server leads a process group of its own, and stop() signals the whole
+        group, as Ctrl-C in a terminal does."""
+        self.group = group
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [*args, "--host", "127.0.0.1", "--port", str(self.port)]
         out = open(log, "wb") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, start_new_session=group)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -77,7 +80,10 @@ class ServerProcess:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            if self.group:
+                os.killpg(self.proc.pid, signal.SIGINT)
+            else:
+                self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -439,3 +439,27 @@ def test_streamed_echo_logprobs_equal_unstreamed_when_prompts_are_chunked(env):
     for i, lps in want.items():  # the two runs batch differently: float rounding may differ
         assert [x is None for x in got[i]] == [x is None for x in lps]
         assert [x for x in got[i] if x is not None] == pytest.approx([x for x in lps if x is not None], abs=1e-4)
+
+
+def test_ctrl_c_to_the_process_group_stops_cleanly(tmp_path):
+    """Ctrl-C in a terminal signals the server's whole process group, the engine core process
+    included: the server drains and exits 0, the core stops when told (no KeyboardInterrupt
+    traceback from it), and no process of the group is left behind."""
+    import os
+    import signal
+
+    s = ServerProcess(real_server_cmd(), log=tmp_path / "log.txt", group=True)
+    pgid = s.proc.pid
+    r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3})
+    assert r.status_code == 200
+    assert s.stop() == 0, s.tail()
+    log = (tmp_path / "log.txt").read_text()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    deadline = time.monotonic() + 10
+    while True:  # the group is empty once every member has exited
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a process of the server's group is still running"
+        time.sleep(0.1)

@@ -32,7 +32,8 @@ def store_kv_kernel(
     tl.store(vc_ptr + dst, vv, mask=mask)
 
 
-@triton.jit
+# MAXB = the step's longest block table: not specialised (it only offsets scalar table loads)
+@triton.jit(do_not_specialize=["MAXB"])
 def paged_decode_kernel(
     q_ptr,  # (B, QH, D)
     kc_ptr, vc_ptr,  # (NB, BS, KVH, D) contiguous
@@ -79,7 +80,7 @@ def paged_decode_kernel(
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MAXB"])  # as paged_decode_kernel
 def paged_prefill_kernel(
     q_ptr,  # (T, QH, D)
     kc_ptr, vc_ptr,  # (NB, BS, KVH, D) contiguous

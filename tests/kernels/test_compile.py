@@ -53,8 +53,30 @@ def _dense_lora(in_dim, out_dim, dt, device, scales=None):
                           scales=scales, max_rank=8)
 
 
-def _run_ops():
-    """Call every public op the way the model runner does (kernels/ on its Triton path)."""
+def _step_metadata(t: int, maxb: int):
+    """A step's metadata as drlora_serve/model_runner.py lays it out: views of one int64 and one
+    int32 buffer at token-count-dependent offsets (so their pointers' alignment varies by step).
+    All t tokens decode (context lens, block tables (t, maxb)); the same tokens also form c
+    prefill chunks (cu_q, context lens, block tables (c, maxb))."""
+    import torch
+
+    c = 1 if t < 4 else 4
+    i64 = torch.zeros(3 * t, dtype=torch.int64)  # ids | positions | slot mapping
+    i32 = torch.zeros(t + t + t * maxb + c + 1 + c + c * maxb, dtype=torch.int32)
+    i64[t:] = torch.randint(0, 8192, (2 * t,))
+    i32[:t] = torch.arange(t) % (SLOTS + 1) - 1  # adapter slots, -1 = base
+    o = 2 * t + t * maxb
+    i32[o:o + c + 1] = torch.arange(c + 1, dtype=torch.int32) * (t // c)
+    i32[t:2 * t] = i32[o + c + 1:o + 2 * c + 1] = t  # every context holds t keys
+    return dict(pos=i64[t:2 * t], slot_mapping=i64[2 * t:], slot_ids=i32[:t],
+                context_lens=i32[t:2 * t], block_tables=i32[2 * t:o].view(t, maxb), cu_q=i32[o:o + c + 1],
+                chunk_lens=i32[o + c + 1:o + 2 * c + 1], chunk_tables=i32[o + 2 * c + 1:].view(c, maxb),
+                max_q_len=t // c)
+
+
+def _run_ops(steps=((64, 256), (4096, 256)), dtypes=("bfloat16", "float32")):
+    """Call every public op the way the model runner does (kernels/ on its Triton path), per
+    dtype, for each step (token count, block-table width): decode and prefill sizes."""
     import torch
 
     from kernels.attention_input import attention_input
@@ -65,21 +87,22 @@ def _run_ops():
     from kernels.router import route_topk
 
     dev = torch.device("cpu")  # tile heuristics then assume an H100's 132 SMs
-    bs, nb, maxb = 16, 1024, 256
-    for dt in (torch.bfloat16, torch.float32):
+    bs, nb = 16, 1024
+    for dt in map(lambda name: getattr(torch, name), dtypes):
         w13, w2 = torch.empty(E, 2 * I, H, dtype=dt), torch.empty(E, H, I, dtype=dt)
         moe_lora = _moe_lora(dt, dev)
-        for t in (64, 4096):  # decode and prefill token counts
+        scales = torch.ones(SLOTS)  # q, k, v of one adapter pool share the slots' scales
+        qkv_lora = [(_dense_lora(H, H, dt, dev, scales), c) for c in (0, H, 2 * H)]
+        o_lora = _dense_lora(H, H, dt, dev)
+        for t, maxb in steps:
+            m = _step_metadata(t, maxb)
             h = torch.empty(t, H, dtype=dt)
             ids = torch.randint(0, E, (t, K), dtype=torch.int32)
             w = torch.rand(t, K)
-            slots = torch.randint(-1, SLOTS, (t,), dtype=torch.int32)
             for lora in (None, moe_lora):
-                fused_moe(h, w13, w2, w, ids, lora, slots if lora is not None else None, combine=False)
-            scales = torch.ones(SLOTS)  # q, k, v of one adapter pool share the slots' scales
-            dense_lora_cols_(torch.empty(t, 3 * H, dtype=dt), h, [(_dense_lora(H, H, dt, dev, scales), c)
-                                                                 for c in (0, H, 2 * H)], slots)
-            dense_lora_(torch.empty(t, H, dtype=dt), h, _dense_lora(H, H, dt, dev), slots)
+                fused_moe(h, w13, w2, w, ids, lora, m["slot_ids"] if lora is not None else None, combine=False)
+            dense_lora_cols_(torch.empty(t, 3 * H, dtype=dt), h, qkv_lora, m["slot_ids"])
+            dense_lora_(torch.empty(t, H, dtype=dt), h, o_lora, m["slot_ids"])
             res, weight = torch.empty(t, H, dtype=dt), torch.empty(H, dtype=dt)
             rms_norm(h, weight, 1e-6)
             add_rms_norm_(h, res, weight, 1e-6)
@@ -87,7 +110,7 @@ def _run_ops():
             moe_combine(torch.empty(t, K, H), dt)
             for renorm, rnd in ((False, True), (True, False)):  # OLMoE; Qwen3-MoE / Mixtral
                 route_topk(torch.empty(t, E, dtype=dt), K, renorm, rnd)
-            pos = torch.randint(0, nb * bs, (t,))
+            cos, sin = torch.empty(8192, D, dtype=dt), torch.empty(8192, D, dtype=dt)
             for qh, kvh, per_head, clip in ((QH, QH, False, None), (QH, QH, False, 8.0), (32, 4, True, None),
                                             (32, 8, None, None)):  # OLMoE (+ clip_qkv), Qwen3-MoE, Mixtral
                 kc, vc = torch.empty(nb, bs, kvh, D, dtype=dt), torch.empty(nb, bs, kvh, D, dtype=dt)
@@ -95,46 +118,54 @@ def _run_ops():
                 if per_head is not None:
                     qn = torch.empty(D if per_head else qh * D, dtype=dt)
                     kn = torch.empty(D if per_head else kvh * D, dtype=dt)
-                cos, sin = torch.empty(8192, D, dtype=dt), torch.empty(8192, D, dtype=dt)
-                attention_input(torch.empty(t, (qh + 2 * kvh) * D, dtype=dt), qn, kn, 1e-6, cos, sin, pos % 8192,
-                                kc, vc, pos, qh, kvh, D, clip)
+                attention_input(torch.empty(t, (qh + 2 * kvh) * D, dtype=dt), qn, kn, 1e-6, cos, sin, m["pos"],
+                                kc, vc, m["slot_mapping"], qh, kvh, D, clip)
             kc, vc = torch.empty(nb, bs, QH, D, dtype=dt), torch.empty(nb, bs, QH, D, dtype=dt)
             q = torch.empty(t, QH, D, dtype=dt)
-            store_kv(torch.empty(t, QH, D, dtype=dt), torch.empty(t, QH, D, dtype=dt), kc, vc, pos)
-            paged_decode_attention(q, kc, vc, torch.zeros(t, maxb, dtype=torch.int32),
-                                   torch.full((t,), 100, dtype=torch.int32), D ** -0.5)
-            chunks = 4  # prefill chunks of t // 4 queries over a cached prefix
-            paged_prefill_attention(q, kc, vc, torch.zeros(chunks, maxb, dtype=torch.int32),
-                                    torch.arange(0, t + 1, t // chunks, dtype=torch.int32),
-                                    torch.full((chunks,), t, dtype=torch.int32), t // chunks, D ** -0.5)
+            store_kv(torch.empty(t, QH, D, dtype=dt), torch.empty(t, QH, D, dtype=dt), kc, vc, m["slot_mapping"])
+            paged_decode_attention(q, kc, vc, m["block_tables"], m["context_lens"], D ** -0.5)
+            paged_prefill_attention(q, kc, vc, m["chunk_tables"], m["cu_q"], m["chunk_lens"], m["max_q_len"],
+                                    D ** -0.5)
 
 
-def record_launches() -> list:
-    """(kernel, args, kwargs) of every launch `_run_ops` makes, nothing executed."""
+def record_launches(**run_ops) -> list:
+    """(kernel, args, kwargs) of every launch `_run_ops(**run_ops)` makes, nothing executed."""
     from triton.runtime.jit import JITFunction
 
     launches = []
     run = JITFunction.run
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
     try:
-        _run_ops()
+        _run_ops(**run_ops)
     finally:
         JITFunction.run = run
     return launches
 
 
-def compile_all() -> None:
+def _target():
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import make_backend
 
     target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
+    return target, make_backend(target)
+
+
+def _bind(fn, args, kwargs, backend):
+    """What JITFunction.run does before it compiles (create_binder, _pack_args): the launch's
+    specialisation (one (type, attribute) per parameter) and (options, signature, constexprs, attrs)."""
+    from triton.runtime.jit import create_function_from_signature
+
+    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    return spec, fn._pack_args(backend, kwargs, bound, spec, opts)
+
+
+def compile_all() -> None:
+    from triton.compiler import ASTSource
+
+    target, backend = _target()
     seen, n = set(), 0
     for fn, args, kwargs in record_launches():
-        # what JITFunction.run does before it compiles (create_binder / _pack_args), for sm_90
-        bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+        _, (options, signature, constexprs, attrs) = _bind(fn, args, kwargs, backend)
         key = (fn.__name__, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
                repr(sorted(options.__dict__.items())))
         if key in seen:  # the same specialisation again (e.g. both token counts): one compile
@@ -152,18 +183,46 @@ def compile_all() -> None:
     print(f"OK {n} {sorted(names)}")
 
 
-def test_compile_sm90():
+def check_no_respecialization() -> None:
+    """Steps of 1, 16, 17 and 64 tokens (block tables 1, 16, 5, 256 wide, metadata at the model
+    runner's offsets) specialise every launch's runtime arguments alike: a new batch size
+    recompiles nothing (the launchers' tile constexprs aside, which are the heuristics' choice)."""
+    _, backend = _target()
+    per_step = []
+    for step in ((1, 1), (16, 16), (17, 5), (64, 256)):
+        per_step.append((step, [(fn.__name__, [(p.name, sp) for p, sp in zip(fn.params, _bind(fn, a, kw, backend)[0])
+                                                if not p.is_constexpr])
+                                for fn, a, kw in record_launches(steps=(step,), dtypes=("bfloat16",))]))
+    (step0, ref), bad = per_step[0], []
+    for step, launches in per_step[1:]:
+        assert [n for n, _ in launches] == [n for n, _ in ref], f"launch sequences differ: {step0} vs {step}"
+        for (name, spec), (_, spec0) in zip(launches, ref):
+            bad += [f"{name}.{a}: {s0} at {step0}, {s} at {step}" for (a, s), (_, s0) in zip(spec, spec0) if s != s0]
+    print("RESPECIALIZED " + "; ".join(sorted(set(bad))) if bad else f"STABLE {len(ref)}")
+
+
+def _subprocess(call: str) -> str:
     # own process: TRITON_INTERPRET=1 (set by conftest on CPU) changes triton.language globally;
     # DRLORA_FORCE_TRITON=1 sends the CPU tensors down the launchers' Triton path
     env = {**os.environ, "TRITON_INTERPRET": "0", "DRLORA_FORCE_TRITON": "1", "DRLORA_POISON": "0"}
-    code = "import sys; sys.path.insert(0, %r); import test_compile; test_compile.compile_all()" % os.path.dirname(__file__)
+    code = "import sys; sys.path.insert(0, %r); import test_compile; test_compile.%s" % (os.path.dirname(__file__), call)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert res.returncode == 0, res.stderr[-3000:]
-    if "SKIP" in res.stdout:
-        pytest.skip(res.stdout.strip())
-    assert "OK" in res.stdout
+    return res.stdout
+
+
+def test_no_respecialization_per_step():
+    out = _subprocess("check_no_respecialization()")
+    assert "STABLE" in out, out
+
+
+def test_compile_sm90():
+    out = _subprocess("compile_all()")
+    if "SKIP" in out:
+        pytest.skip(out.strip())
+    assert "OK" in out
     for name in ("moe_gemm_kernel", "lora_shrink_kernel", "lora_expand_kernel", "moe_align_kernel",
                  "add_rms_norm_kernel", "route_topk_kernel", "attention_input_kernel", "store_kv_kernel",
                  "paged_decode_kernel", "paged_prefill_kernel"):
-        assert name in res.stdout, f"{name} was never launched: {res.stdout}"
+        assert name in out, f"{name} was never launched: {out}"

@@ -9,7 +9,9 @@ installed Triton's own launch-time binder and `_pack_args` (the code `run` uses 
 compiles), so the constexprs, num_warps and num_stages are the launcher's, and the signature and
 specialisation attributes (ints equal to 1, ints and pointers divisible by 16, `do_not_specialize`)
 are the ones a real launch of those arguments produces. CPU allocations are aligned like CUDA ones
-(>= 16 bytes), so pointer divisibility matches, views included.
+(>= 16 bytes), so pointer divisibility matches, views included; the step's metadata are views of
+one buffer at the model runner's offsets. The same binding shows that steps of other token counts
+specialise every launch alike (no recompile per batch size; `do_not_specialize` in kernels/_tl).
 """
 
 import os
@@ -205,7 +207,8 @@ def _subprocess(call: str) -> str:
     # own process: TRITON_INTERPRET=1 (set by conftest on CPU) changes triton.language globally;
     # DRLORA_FORCE_TRITON=1 sends the CPU tensors down the launchers' Triton path
     env = {**os.environ, "TRITON_INTERPRET": "0", "DRLORA_FORCE_TRITON": "1", "DRLORA_POISON": "0"}
-    code = "import sys; sys.path.insert(0, %r); import test_compile; test_compile.%s" % (os.path.dirname(__file__), call)
+    here = os.path.dirname(__file__)
+    code = "import sys; sys.path.insert(0, %r); import test_compile; test_compile.%s" % (here, call)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert res.returncode == 0, res.stderr[-3000:]

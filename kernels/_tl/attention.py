@@ -34,8 +34,9 @@ def store_kv_kernel(
 
 # MAXB = the step's longest block table: not specialised (it only offsets scalar table loads).
 # The step's metadata (block tables, context lengths, cu_q) are views at token-count-dependent
-# offsets of one host-to-device copy: their alignment changes step to step, and they are read
-# one element at a time, so it is not specialised on either (no recompile per batch size)
+# offsets of one host-to-device copy: their alignment changes step to step, and they are read by
+# scalar or gathered loads (no vector load to widen), so it is not specialised on either (no
+# recompile per batch size)
 @triton.jit(do_not_specialize=["MAXB"], do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"])
 def paged_decode_kernel(
     q_ptr,  # (B, QH, D)

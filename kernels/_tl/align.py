@@ -27,7 +27,8 @@ def _group_keys(topk_ids_ptr, slot_ids_ptr, p, N, K: tl.constexpr, S: tl.constex
     return key, m
 
 
-@triton.jit
+# N, L, NB follow the step's token count: not specialised (==1, %16), no recompile per batch size
+@triton.jit(do_not_specialize=["N", "L", "NB"])
 def moe_align_kernel(
     topk_ids_ptr,  # (N,) int32/int64 expert of pair p
     slot_ids_ptr,  # (T,) int32 adapter slot of token t (-1: base model); read in modes 1, 2

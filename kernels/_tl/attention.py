@@ -32,7 +32,12 @@ def store_kv_kernel(
     tl.store(vc_ptr + dst, vv, mask=mask)
 
 
-@triton.jit
+# MAXB = the step's longest block table: not specialised (it only offsets scalar table loads).
+# The step's metadata (block tables, context lengths, cu_q) are views at token-count-dependent
+# offsets of one host-to-device copy: their alignment changes step to step, and they are read by
+# scalar or gathered loads (no vector load to widen), so it is not specialised on either (no
+# recompile per batch size)
+@triton.jit(do_not_specialize=["MAXB"], do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"])
 def paged_decode_kernel(
     q_ptr,  # (B, QH, D)
     kc_ptr, vc_ptr,  # (NB, BS, KVH, D) contiguous
@@ -79,7 +84,8 @@ def paged_decode_kernel(
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MAXB"],  # as paged_decode_kernel
+            do_not_specialize_on_alignment=["block_tables_ptr", "cu_q_ptr", "context_lens_ptr"])
 def paged_prefill_kernel(
     q_ptr,  # (T, QH, D)
     kc_ptr, vc_ptr,  # (NB, BS, KVH, D) contiguous

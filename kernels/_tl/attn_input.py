@@ -41,7 +41,9 @@ def _norm_clip_rope(x_ptr, w_ptr, heads, D, eps, clip, c1, s1, c2, s2, dt_ptr,
     return o1, o2, h * D + j, m
 
 
-@triton.jit
+# positions and slots are views at token-count-dependent offsets of the step's metadata copy,
+# read one per program: not specialised on their alignment (no recompile per batch size)
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def attention_input_kernel(
     qkv_ptr,  # (T, QH*D + 2*KVH*D): q | k | v columns, last dim contiguous
     qn_ptr,  # q norm weight: (QH*D,) if Q_NORM == 1, (D,) if Q_NORM == 2

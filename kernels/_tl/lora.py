@@ -62,7 +62,8 @@ def lora_delta(acc, u_ptr, b_ptr, offsets_ptr, ranks_ptr, scales_ptr, slots, e, 
     return acc
 
 
-@triton.jit
+# num_pairs follows the step's token count (a row mask only): not specialised, no recompile per batch
+@triton.jit(do_not_specialize=["num_pairs"])
 def lora_shrink_kernel(
     x_ptr,  # (M, IN); row of pair p = p // X_ROW_DIV
     a0_ptr,  # (R, IN) pool of A rows of projection 0, IN contiguous
@@ -146,7 +147,7 @@ def lora_shrink_kernel(
         s = next_slot(slots, s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # as lora_shrink_kernel
 def lora_expand_kernel(
     u_ptr,  # (N, NP * u_pcol) fp32; projection q reads columns from q * u_pcol
     b0_ptr,  # (R, OUT0) pool of B^T rows of projection 0, contiguous columns

@@ -11,7 +11,9 @@ import triton.language as tl
 from kernels._tl.lora import lora_delta, row_slots
 
 
-@triton.jit
+# num_pairs follows the step's token count (a row mask and the sentinel only): not specialised
+# (==1, %16), so a new batch size does not recompile; dims and strides stay specialised
+@triton.jit(do_not_specialize=["num_pairs"])
 def moe_gemm_kernel(
     x_ptr,  # (M, IN) activations; row of pair p = p // X_ROW_DIV
     w_ptr,  # (E, W_ROWS, IN) expert weights, IN contiguous (K-major)

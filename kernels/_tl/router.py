@@ -7,7 +7,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# T (tokens) varies per step, a row mask only: not specialised, no recompile per batch size
+@triton.jit(do_not_specialize=["T"])
 def route_topk_kernel(
     logits_ptr,  # (T, E) model dtype (the router GEMM's output)
     w_ptr,  # (T, K) fp32 out: routing weights, rounded to the model dtype

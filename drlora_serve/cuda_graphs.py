@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ from drlora_serve.context import ForwardContext
 from kernels.tiles import RANK_TILE, pow2
 
 log = logging.getLogger(__name__)
-MAX_GRAPHS = 64  # start-up and lazy captures together
+MAX_GRAPHS = 64  # no lazy capture once this many graphs exist (start-up: sizes x layouts, all)
 # the default capture sizes (vLLM's ladder is similar); max_num_seqs is added when no size covers it
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MAX_CAPTURE_SIZE = 512  # larger decode batches run eagerly (their graphs' memory is not worth it)
@@ -136,11 +137,13 @@ class DecodeGraphs:
     # ------------------------------------------------------------------ capture
     def capture_all(self) -> None:
         """Start-up captures: every size (largest first) x every start-up layout."""
+        t0 = time.perf_counter()
         for size in reversed(self.sizes):
             for lay in self.startup_layouts():
                 if not self._capture_key(size, lay):
                     return
-        log.info("captured %d CUDA graphs for decode batch sizes %s", len(self.graphs), self.sizes)
+        log.info("captured %d CUDA graphs (decode batch sizes %s, LoRA layouts %s) in %.1f s", len(self.graphs),
+                 self.sizes, self.startup_layouts(), time.perf_counter() - t0)
 
     def _capture_key(self, size: int, layout: tuple | None) -> bool:
         if self.disabled:

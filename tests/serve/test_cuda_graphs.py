@@ -48,11 +48,10 @@ class FakeGraphs(DecodeGraphs):
 
 
 def attach(engine, fail=None, **kw) -> FakeGraphs:
-    r = engine.runner
-    g = FakeGraphs.__new__(FakeGraphs)
+    r = engine.runner  # a CPU runner: what ModelRunner does on CUDA, with a fake graph
+    g = FakeGraphs(r, r.args.max_num_seqs, r.args.cuda_graph_sizes, r.args.max_lora_rank, r.args.strict_cuda_graphs,
+                   r.graph_stats, **kw)
     g.fail = fail
-    DecodeGraphs.__init__(g, r, r.args.max_num_seqs, r.args.cuda_graph_sizes, r.args.max_lora_rank,
-                          r.args.strict_cuda_graphs, r.graph_stats, **kw)
     r.graphs = g
     return g
 

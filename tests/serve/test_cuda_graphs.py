@@ -68,8 +68,8 @@ def strong_adapters(tmp_path_factory, tiny_shape):
 
 
 def engine_(tiny_dir, tokenizer, strong_adapters, **kw):
-    return make_engine(tiny_dir, tokenizer, adapters_dir=str(strong_adapters), max_num_seqs=MAX_SEQS,
-                       max_lora_rank=32, max_num_batched_tokens=64, **kw)
+    kw = {"max_num_seqs": MAX_SEQS, "max_lora_rank": 32, "max_num_batched_tokens": 64} | kw
+    return make_engine(tiny_dir, tokenizer, adapters_dir=str(strong_adapters), **kw)
 
 
 def generate(engine, tokenizer, names) -> dict:
@@ -181,3 +181,56 @@ def test_batch_above_largest_size_runs_eagerly(tiny_dir, tokenizer, strong_adapt
     g.capture_all()
     generate(e, tokenizer, [None] * 4)  # 4 decodes > 2: eager
     assert g.stats.eager_decode_steps > 0 and g.stats.lazy_captures == 0
+
+
+TRITON_SCRIPT = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[3])
+os.environ["DRLORA_FORCE_TRITON"] = "1"
+import torch
+torch.set_num_threads(1)
+from pathlib import Path
+from transformers import AutoTokenizer
+from test_cuda_graphs import attach, engine_, generate, SamplingParams
+import test_cuda_graphs as T
+tiny, adapters = Path(sys.argv[1]), sys.argv[2]
+tok = AutoTokenizer.from_pretrained(str(tiny))
+T.GREEDY = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=0)
+kw = dict(max_num_seqs=2, cuda_graph_sizes=[2])
+res = {}
+for mode in ("eager", "graphs"):
+    e = engine_(tiny, tok, adapters, **kw)
+    if mode == "graphs":
+        g = attach(e)
+        g.capture_all()
+        for key in [k for k in g.graphs if k[1] == (32, False)]:
+            del g.graphs[key]  # steps with expert LoRA only replay the graph with the dense launches
+        g._choice.clear()
+    # b (attention LoRA) is not resident during the first batch: its steps' dense pools are inactive
+    res[mode] = [generate(e, tok, names) for names in ([None, "a"], ["b", "a"])]
+    res[mode + "_stats"] = [e.stats().cuda_graph_replays_total, e.stats().eager_decode_steps_total]
+print("RESULT" + json.dumps(res))
+'''
+
+
+@pytest.mark.slow
+def test_replays_on_triton_kernels_match_eager(tiny_dir, strong_adapters):
+    """The graph layouts on the Triton launchers (interpreter): a rank bucket above the adapters'
+    ranks and dense launches over inactive pools give the eager engine's tokens."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(tiny_dir), str(strong_adapters), str(here)], env=env,
+                       capture_output=True, text=True, timeout=900, cwd=str(here.parent.parent))
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert res["graphs"] == res["eager"]
+    replays, eager = res["graphs_stats"]
+    assert replays > 0 and eager == 0

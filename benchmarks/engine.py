@@ -21,7 +21,7 @@ end-to-end output tok/s, prefill tok/s (until every prompt is computed), decode 
 mean decode step (ms/token) over the decode-only steps after it, and how many decode-only steps
 replayed a CUDA graph vs ran eagerly. The run checks its steady state (graphs on, every
 decode-only step of a batch within the capture sizes replayed, no lazy capture, no Triton
-compile while timed) and exits 1 if it does not hold (after writing the JSON). Needs CUDA
+compile while timed, no prefix-cache hit: every run has fresh prompts) and exits 1 if it does not hold (after writing the JSON). Needs CUDA
 (refuses otherwise), except `--smoke` (the tiny model on CPU: checks the script only) and:
 
     python benchmarks/engine.py --memory-only --out mem.json
@@ -153,6 +153,9 @@ class CompileCounter:
             self._knobs.runtime.jit_post_compile_hook = self._prev
 
 
+_RUNS = iter(range(1 << 30))  # a new seed per run: a warm-up's prompts must not be in the prefix cache
+
+
 def run_engine(engine, batch: int, prompt_len: int, out_len: int, adapters: list[str | None]) -> dict:
     """One batch through the engine: `batch` prompts of prompt_len random tokens, out_len tokens
     each (greedy, no eos). Two phases: prefill (until every prompt is computed; the first
@@ -164,12 +167,12 @@ def run_engine(engine, batch: int, prompt_len: int, out_len: int, adapters: list
     dev = engine.runner.device
     # "final": one output per request at the end, as the offline LLM asks (no per-token snapshots)
     sp = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True, output_kind="final")
-    g = torch.Generator().manual_seed(batch)
+    g = torch.Generator().manual_seed(next(_RUNS))
     for i in range(batch):
         toks = torch.randint(10, engine.runner.config["vocab_size"] - 10, (prompt_len,), generator=g).tolist()
         engine.add_request(f"b{batch}-{i}-{time.monotonic_ns()}", toks, sp, adapters[i % len(adapters)])
     gs, sched = engine.runner.graph_stats, engine.scheduler
-    replays0, eager0 = gs.replays, gs.eager_decode_steps
+    replays0, eager0, hits0 = gs.replays, gs.eager_decode_steps, engine.blocks.num_cache_hits
     sync(dev)
     t0 = time.perf_counter()
     t_dec = None
@@ -196,7 +199,7 @@ def run_engine(engine, batch: int, prompt_len: int, out_len: int, adapters: list
             "per_token_latency_ms": 1000 * dec_s / dec_steps if dec_steps else None, "decode_steps": dec_steps,
             "decode_tokens": gen,
             "wall_s": total, "graph_replays": gs.replays - replays0, "eager_decode_steps": gs.eager_decode_steps - eager0,
-            "triton_compiles": compiles.count}
+            "triton_compiles": compiles.count, "prefix_cache_hits": engine.blocks.num_cache_hits - hits0}
 
 
 def build_hf(config: dict, dtype: torch.dtype, dev: torch.device):
@@ -331,7 +334,7 @@ def main(argv=None) -> int:
     args.batches = args.batches or ([1, 4] if small else [1, 16, 64, 128])
     args.hf_batches = args.hf_batches or ([1, 2] if small else [1, 16, 64])
     args.padded_batches = args.padded_batches or args.batches
-    args.prompt_len = args.prompt_len or (12 if small else 128)
+    args.prompt_len = args.prompt_len or (40 if small else 128)  # smoke: two full KV blocks (cacheable)
     args.output_len = args.output_len or (6 if small else 128)
     if args.padded is None:
         args.padded = True if small else DEFAULT_PADDED[args.shape]
@@ -427,6 +430,8 @@ def main(argv=None) -> int:
             if want_graphs and r["batch"] <= (graph_sizes or [0])[-1] and r["eager_decode_steps"]:
                 problems.append(f"{key} batch {r['batch']}: {r['eager_decode_steps']} of "
                                 f"{r['eager_decode_steps'] + r['graph_replays']} decode-only steps ran eagerly")
+            if r["prefix_cache_hits"]:
+                problems.append(f"{key} batch {r['batch']}: {r['prefix_cache_hits']} prefix-cache hits (prompts reused)")
             if r["triton_compiles"]:
                 problems.append(f"{key} batch {r['batch']}: {r['triton_compiles']} Triton compiles while timed")
     results["steady_state_check"] = {"ok": not problems, "problems": problems}

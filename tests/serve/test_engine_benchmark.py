@@ -27,6 +27,7 @@ def test_smoke_run(tmp_path, capsys):
             assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["per_token_latency_ms"] > 0
             assert r["decode_steps"] == r["eager_decode_steps"] == 5  # 6 tokens: 1 from the prefill
             assert r["graph_replays"] == 0  # CPU: no graphs
+            assert r["prefix_cache_hits"] == 0  # fresh prompts: the warm-up's are not reused
     assert res["engine"]["no_adapter"][0]["decode_tokens"] == 5
     assert [r["batch"] for r in res["hf_generate"]] == [1, 2]
     assert res["steady_state_check"] == {"ok": True, "problems": []}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command (about 25-30 minutes on one H100):
-# the CUDA-marked tests (every Triton kernel against its twin on the device), then the kernel,
-# engine and HTTP benchmarks at OLMoE-1B-7B shapes with random weights, and the engine and HTTP
+# Everything that needs a GPU, in one command (about 25-30 minutes on one H100 estimated before
+# the tuner (6 more at most) and the engine benchmark's warm-ups and padded series were added):
+# the tile tuner, the CUDA-marked tests (every Triton kernel against its twin on the device),
+# then the kernel, engine and HTTP benchmarks at OLMoE-1B-7B shapes with random weights, and the engine and HTTP
 # rows at Qwen3-30B-A3B shapes (random weights, 4 adapters: 57 GiB of weights). Results (JSON and logs)
 # go to ${OUT:-bench-gpu}/. Written for the first GPU session; it has not run yet. The device
 # image lacks the server's dependencies (fastapi, uvicorn, pydantic, pyzmq, msgspec, httptools):
@@ -12,6 +13,12 @@ cd "$(dirname "$0")/.."
 out=${OUT:-bench-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# The tile tuner first (capped at 6 minutes; decode token counts first): it writes
+# kernels/configs/<device>.json, which the tests and benchmarks below then use. That file is the
+# H100 table: copy it back from "$out" into kernels/configs/ and COMMIT it (otherwise only this
+# machine's checkout has it).
+python benchmarks/tune.py --shape olmoe qwen3-moe --max-seconds 360 2>&1 | tee "$out/tune.log"
+cp kernels/configs/*.json "$out/" 2>/dev/null
 python -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/serve tests/train 2>&1 | tee "$out/cuda_tests.log"
 python benchmarks/launch_count.py --device cuda --dense --host --out "$out/launches.json" 2>&1 | tee "$out/launches.log"
 python benchmarks/kernel_bench.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"

@@ -27,6 +27,12 @@ class EngineArgs:
     num_kv_blocks: int | None = None  # overrides the memory-fraction sizing (CPU default: 2048)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
+    # decode batch sizes captured at start-up (vLLM's name; default: cuda_graphs.DEFAULT_SIZES up
+    # to max_num_seqs, plus max_num_seqs itself)
+    cuda_graph_sizes: list[int] | None = None
+    # a CUDA graph capture failure raises (the engine does not start) instead of logging an error
+    # and running eagerly; also DRLORA_STRICT_CUDA_GRAPHS=1
+    strict_cuda_graphs: bool = False
     seed: int = 0
     load_format: str = "auto"  # auto: safetensors from the model folder; dummy: random weights
     # of the config's shape (vLLM's name; benchmarks at real shapes without the checkpoint)

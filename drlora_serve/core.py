@@ -308,7 +308,7 @@ class EngineCore:
         return self.pool.compact()
 
     def stats(self) -> EngineStats:
-        c = self.counters
+        c, g = self.counters, self.runner.graph_stats
         running = self.scheduler.running
         waiting = self.scheduler.waiting_seqs()
         return EngineStats(
@@ -318,4 +318,8 @@ class EngineCore:
             max_loras=self.args.max_loras, prompt_tokens_total=c.prompt_tokens_total,
             generation_tokens_total=c.generation_tokens_total, num_preemptions_total=c.num_preemptions_total,
             requests_finished_total=c.requests_finished_total,
-            adapter_load_seconds={k: h.copy() for k, h in self.pool.load_seconds.items()})
+            adapter_load_seconds={k: h.copy() for k, h in self.pool.load_seconds.items()},
+            cuda_graphs_enabled=g.enabled, cuda_graph_replays_total=g.replays,
+            eager_decode_steps_total=g.eager_decode_steps, cuda_graphs_captured=g.captured,
+            cuda_graph_lazy_captures_total=g.lazy_captures, cuda_graph_capture_failures_total=g.capture_failures,
+            cuda_graph_error=g.error)

@@ -14,6 +14,8 @@ down, offsets rewritten) between steps.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from kernels import DenseLoraLayer, MoeLoraLayer
@@ -85,6 +87,9 @@ class LoraBuffers:
         self.has_dense = {key: False for key in self.keys}
         self.num_compactions = 0
         self.slot_ranks: dict[int, int] = {}  # slot -> largest per-expert/dense rank
+        self.rank_bound = 0  # max of slot_ranks: the kernels' rank bound now
+        self.any_dense = False  # any dense (attention / shared-expert) pool holds ranks
+        self.dense_keys = [key for key in self.keys if key[1] in self.dense_projs]
         self._moe = [MoeLoraLayer(a={p: self.a[(l, p)] for p in EXPERT_PROJS}, b={p: self.b[(l, p)] for p in EXPERT_PROJS},
                                   offsets={p: self.offsets[(l, p)] for p in EXPERT_PROJS},
                                   ranks={p: self.ranks[(l, p)] for p in EXPERT_PROJS}, scales=self.scales, max_rank=0)
@@ -201,8 +206,28 @@ class LoraBuffers:
             self.ranks[key].copy_(self.ranks_host[key])
             if key[1] in self.dense_projs:
                 self.has_dense[key] = bool(self.ranks_host[key].any())
-        bound = max(self.slot_ranks.values(), default=0)
+        self.any_dense = any(self.has_dense[k] for k in self.dense_keys)
+        self._set_bound(max(self.slot_ranks.values(), default=0))
+
+    def _set_bound(self, bound: int) -> None:
+        self.rank_bound = bound
         for m in self._moe:
             m.max_rank = bound
         for d in self._dense.values():
             d.max_rank = bound
+
+    @contextmanager
+    def capture_layout(self, rank_bound: int, dense: bool):
+        """For a CUDA graph capture: the kernels launched as if the rank bound were `rank_bound`
+        and (dense) every dense pool active, whatever is resident; restored afterwards. Only
+        the host-side bounds change (tables and pools are the graph's inputs, read at replay)."""
+        saved = dict(self.has_dense), self.rank_bound
+        if dense:
+            for k in self.dense_keys:
+                self.has_dense[k] = True
+        self._set_bound(rank_bound)
+        try:
+            yield
+        finally:
+            self.has_dense.update(saved[0])
+            self._set_bound(saved[1])

@@ -5,7 +5,8 @@ back a LaunchedStep whose results are read only when the step is waited on.
 Legend: T tokens, B decode sequences, C prefill chunks, N sampled rows, V vocab, K logprobs,
 MAXB blocks per sequence.
 One code path on every device: the kernels dispatch (Triton on CUDA, torch twins on CPU).
-Decode-only steps on CUDA replay CUDA graphs captured per padded batch size (cuda_graphs.py).
+Decode-only steps on CUDA replay CUDA graphs captured at start-up per padded batch size and
+LoRA layout (cuda_graphs.py); `graph_stats` counts replayed vs eager decode-only steps.
 
 Asynchronous by construction: on CUDA `launch` enqueues the step and returns; the host reads
 the sampled tokens only in `LaunchedStep.wait()`. A decode whose input token is still in
@@ -26,6 +27,7 @@ from drlora.models import MoeShape
 
 from drlora_serve.config import EngineArgs
 from drlora_serve.context import ForwardContext, PrefillBatch
+from drlora_serve.cuda_graphs import DecodeGraphs, GraphStats
 from drlora_serve.kv_cache import CPU_DEFAULT_BLOCKS, KVCache, bytes_per_block, num_blocks_for_memory
 from drlora_serve.lora_buffers import LoraBuffers
 from drlora_serve.models.registry import get_model_class, load_model_class
@@ -143,11 +145,12 @@ class ModelRunner:
         self._prev: LaunchedStep | None = None
         self._sampling_key: tuple | None = None
         self._sampling: SamplingBatch | None = None
-        self.graphs = None
+        self.graph_stats = GraphStats()
+        self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
-            from drlora_serve.cuda_graphs import DecodeGraphs
-
-            self.graphs = DecodeGraphs(self, args.max_num_seqs)
+            self.graphs = DecodeGraphs(self, args.max_num_seqs, args.cuda_graph_sizes, args.max_lora_rank,
+                                       args.strict_cuda_graphs, self.graph_stats)
+            self.graphs.capture_all()  # at start-up, never inside a served (or timed) step
 
     def _activation_reserve(self) -> int:
         """Peak extra memory of the largest step: logits and MoE intermediates (estimate)."""
@@ -294,8 +297,14 @@ class ModelRunner:
         if gather is not None:
             input_ids[gather[0]] = self._prev.sampled.tokens[gather[1]]
         hidden = None
-        if self.graphs is not None and not batch.prefills and not ctx.router_groups:
+        decode_only = bool(batch.decodes) and not batch.prefills
+        if self.graphs is not None and decode_only and not ctx.router_groups:
             hidden = self.graphs.run(input_ids, ctx)
+        if decode_only:
+            if hidden is not None:
+                self.graph_stats.replays += 1
+            else:
+                self.graph_stats.eager_decode_steps += 1
         if hidden is None:
             hidden = self.model.forward(input_ids, ctx)
         sample_seqs = list(batch.decodes) + [c.seq for c in batch.prefills if c.samples]

@@ -230,6 +230,14 @@ class EngineStats:
     num_preemptions_total: int = 0
     requests_finished_total: int = 0
     adapter_load_seconds: dict[str, Histogram] = field(default_factory=_load_histograms)  # by stage
+    # CUDA graphs (drlora_serve.cuda_graphs.GraphStats): decode-only steps replayed vs run eagerly
+    cuda_graphs_enabled: bool = False  # false on CPU, with enforce_eager, or after a capture failure
+    cuda_graph_replays_total: int = 0
+    eager_decode_steps_total: int = 0
+    cuda_graphs_captured: int = 0
+    cuda_graph_lazy_captures_total: int = 0  # captured while serving (no start-up graph covered)
+    cuda_graph_capture_failures_total: int = 0
+    cuda_graph_error: str | None = None  # the last capture failure
 
 
 class EngineClient(Protocol):

@@ -19,7 +19,7 @@ import torch
 
 from kernels._dispatch import check, check_same_device, checked_once, dot_precision, empty, interp_upcast, meta, use_triton
 from kernels.moe_align import MoeAlignment, moe_lora_align
-from kernels.tiles import RANK_TILE, lora_block_m, lora_expand_bn, lora_shrink_bk
+from kernels.tiles import RANK_TILE, LoraTiles, lora_block_m, lora_expand_tiles, lora_shrink_tiles
 
 
 def _check_tables(offsets: torch.Tensor, ranks: torch.Tensor, num_experts: int, num_slots: int) -> None:
@@ -88,9 +88,10 @@ def moe_lora_expand_torch(y, u, b, offsets, ranks, scales, topk_ids, slot_ids, y
 
 
 def moe_lora_shrink_triton(x, projections, align: MoeAlignment, slot_ids, row_div: int, topk: int, rank_bound: int,
-                           out=None):
+                           out=None, tiles: LoraTiles | None = None):
     """u (N, NP * RM) fp32 from NP <= 3 projections [(a, offsets, ranks)] reading the same x, in
-    one launch: projection q in columns [q * RM, q * RM + r). slot_ids (T,) int32."""
+    one launch: projection q in columns [q * RM, q * RM + r). slot_ids (T,) int32. tiles: BK and
+    launch options (default: kernels.tiles, a tuned table's or the heuristic's)."""
     from kernels._tl.lora import lora_shrink_kernel
 
     n = align.num_pairs
@@ -101,20 +102,23 @@ def moe_lora_shrink_triton(x, projections, align: MoeAlignment, slot_ids, row_di
         return u
     (a0, off0, rk0), (a1, off1, rk1), (a2, off2, rk2) = (projections + [projections[0]] * 2)[:3]
     in_dim = x.shape[1]
+    tiles = tiles or lora_shrink_tiles(n, off0.shape[1], in_dim, align.block_m, x.dtype, x.device)
     grid = (align.max_blocks, triton_cdiv(rank_bound, RANK_TILE), num_p)
     lora_shrink_kernel[grid](
         x, a0, a1, a2, u, align.sorted_ids, align.block_expert, align.num_blocks, slot_ids,
         off0, rk0, off1, rk1, off2, rk2, n, off0.shape[1], in_dim, u.shape[1] // num_p,
         x.stride(0), a0.stride(0), a1.stride(0), a2.stride(0), u.stride(0),
         X_ROW_DIV=row_div, TOPK=topk, PRECISION=dot_precision(x.dtype), UPCAST=interp_upcast(x.dtype),
-        BM=align.block_m, BR=RANK_TILE, BK=lora_shrink_bk(in_dim, x.dtype), num_warps=4,
+        BM=align.block_m, BR=RANK_TILE, BK=tiles.BLOCK, **tiles.launch_kwargs(),
     )
     return u
 
 
-def moe_lora_expand_triton(y, u, projections, scales, align: MoeAlignment, slot_ids, topk: int):
+def moe_lora_expand_triton(y, u, projections, scales, align: MoeAlignment, slot_ids, topk: int,
+                           tiles: LoraTiles | None = None):
     """In place on y from NP <= 3 projections [(b, offsets, ranks, y_col)]: projection q reads
-    u's columns from q * (u.shape[1] // NP) and adds at y[:, y_col:y_col + OUT_q], one launch."""
+    u's columns from q * (u.shape[1] // NP) and adds at y[:, y_col:y_col + OUT_q], one launch.
+    tiles: BN and launch options (default: kernels.tiles)."""
     from kernels._tl.lora import lora_expand_kernel
 
     n = align.num_pairs
@@ -123,14 +127,15 @@ def moe_lora_expand_triton(y, u, projections, scales, align: MoeAlignment, slot_
     num_p = len(projections)
     (b0, off0, rk0, c0), (b1, off1, rk1, c1), (b2, off2, rk2, c2) = (projections + [projections[0]] * 2)[:3]
     outs = [p[0].shape[1] for p in projections] + [0] * (3 - num_p)
-    bn = lora_expand_bn(max(outs), b0.dtype)
+    tiles = tiles or lora_expand_tiles(n, off0.shape[1], max(outs), align.block_m, b0.dtype, b0.device)
+    bn = tiles.BLOCK
     grid = (align.max_blocks, triton_cdiv(max(outs), bn), num_p)
     lora_expand_kernel[grid](
         u, b0, b1, b2, y, scales, align.sorted_ids, align.block_expert, align.num_blocks, slot_ids,
         off0, rk0, off1, rk1, off2, rk2, n, off0.shape[1], *outs, c0, c1, c2, u.shape[1] // num_p,
         u.stride(0), b0.stride(0), b1.stride(0), b2.stride(0), y.stride(0),
         TOPK=topk, PRECISION=dot_precision(b0.dtype), UPCAST=interp_upcast(b0.dtype),
-        BM=align.block_m, BN=bn, BR=RANK_TILE, num_warps=4,
+        BM=align.block_m, BN=bn, BR=RANK_TILE, **tiles.launch_kwargs(),
     )
     return y
 

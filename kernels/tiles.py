@@ -1,17 +1,25 @@
 """Tile configurations of every Triton launch, chosen in one place and cached per shape.
 
-Legend: N routed pairs, E experts, IN/OUT GEMM dims, W row width, T tokens, D head dim.
+Legend: N routed pairs, E experts, IN/OUT GEMM dims, W row width, T tokens, D head dim,
+M a table's routed-pair bucket.
 
 Each function is a heuristic keyed on what the launch's shape depends on (sizes, dtype, device)
-and memoised, so a launcher pays a dict lookup, not the heuristic, per call. A tuning table (per
-token count, keyed by shape, dtype and device name) plugs in here: look the key up first and
-fall back to the heuristic. Everything here is host code and graph-capture safe.
+and memoised, so a launcher pays a dict lookup, not the heuristic, per call. The MoE GEMM and
+the MoE LoRA shrink / expand first look up a tuning table (`benchmarks/tune.py` writes them:
+JSON in kernels/configs/, and in the folders of DRLORA_TILE_CONFIGS, os.pathsep-separated), keyed
+by kernel, shape (E, N, K), dtype and device name (`torch.cuda.get_device_name()`, "cpu" for
+the interpreter) with buckets of routed pairs; the bucket nearest N wins (vLLM's rule). No match:
+the heuristic. Only buckets tuned at the launch's BM (the alignment's) qualify. Tables are read once (the first miss), never per launch; `reload_tables()` forgets
+them and every memoised choice. Everything here is host code and graph-capture safe.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,9 +60,65 @@ def moe_block_m(num_pairs: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else (32 if per_expert <= 48 else 64)
 
 
-@functools.lru_cache(maxsize=4096)
-def moe_gemm_tiles(num_pairs: int, num_experts: int, out_dim: int, in_dim: int, dtype: torch.dtype,
-                   device: torch.device) -> GemmTiles:
+# ----------------------------------------------------------------------------- tuning tables
+CONFIG_DIR = Path(__file__).with_name("configs")
+CONFIG_ENV = "DRLORA_TILE_CONFIGS"
+# the table's shape key per kernel: moe_gemm (E, OUT, IN); lora_shrink (E, RANK_TILE, IN): one
+# program computes a (BM, BR) tile over IN; lora_expand (E, OUT, RANK_TILE): a (BM, BN) tile
+# over rank tiles
+TABLE_KERNELS = ("moe_gemm", "lora_shrink", "lora_expand")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def config_dirs() -> list[Path]:
+    extra = [Path(d) for d in os.environ.get(CONFIG_ENV, "").split(os.pathsep) if d]
+    return [CONFIG_DIR, *extra]  # later folders win on the same key
+
+
+@functools.cache
+def _tables() -> dict[tuple, list[tuple[int, dict]]]:
+    """(kernel, E, N, K, dtype, device name) -> [(M, config)] sorted by M, from every table file."""
+    out: dict[tuple, list[tuple[int, dict]]] = {}
+    for d in config_dirs():
+        for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+            doc = json.loads(f.read_text())
+            for e in doc.get("entries", []):
+                key = (e["kernel"], e["E"], e["N"], e["K"], e["dtype"], doc["device"])
+                out[key] = sorted((int(m), c) for m, c in e["buckets"].items())
+    return out
+
+
+def table_config(kernel: str, num_experts: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
+                 num_pairs: int, block_m: int) -> dict | None:
+    """The tuned config of the bucket nearest num_pairs (ties: the smaller) among those tuned
+    at this launch's BM (a config's shared memory and occupancy were measured with it), or None."""
+    rows = _tables().get((kernel, num_experts, n, k, dtype_name(dtype), device_name(device)))
+    rows = [mc for mc in rows or () if mc[1].get("BM", block_m) == block_m]
+    if not rows:
+        return None
+    return min(rows, key=lambda mc: (abs(mc[0] - num_pairs), mc[0]))[1]
+
+
+def reload_tables() -> None:
+    """Forget the tables and every memoised tile choice (after a tuner wrote a table)."""
+    _tables.cache_clear()
+    for f in (moe_gemm_tiles, lora_shrink_tiles, lora_expand_tiles):
+        f.cache_clear()
+
+
+# ----------------------------------------------------------------------------- MoE GEMM and LoRA
+def moe_gemm_heuristic(num_pairs: int, num_experts: int, out_dim: int, in_dim: int, dtype: torch.dtype,
+                       device: torch.device) -> GemmTiles:
     """Grouped expert GEMM: BM by tokens per expert, BN shrunk until every SM gets work."""
     bm = moe_block_m(num_pairs, num_experts)
     bk = 128 if bm <= 32 else 64
@@ -70,6 +134,19 @@ def moe_gemm_tiles(num_pairs: int, num_experts: int, out_dim: int, in_dim: int, 
     return GemmTiles(bm, bn, bk, warps, 3 if bm == 64 else 4)
 
 
+@functools.lru_cache(maxsize=4096)
+def moe_gemm_tiles(num_pairs: int, num_experts: int, out_dim: int, in_dim: int, dtype: torch.dtype,
+                   device: torch.device) -> GemmTiles:
+    """The tuned BN/BK/warps/stages of the table, else the heuristic's. BM is always the
+    alignment's (moe_block_m): the gate/up GEMM, the down GEMM and the LoRA kernels share one
+    alignment, so BM is not a per-GEMM choice."""
+    h = moe_gemm_heuristic(num_pairs, num_experts, out_dim, in_dim, dtype, device)
+    t = table_config("moe_gemm", num_experts, out_dim, in_dim, dtype, device, num_pairs, h.BM)
+    if t is None:
+        return h
+    return GemmTiles(h.BM, t["BN"], t["BK"], t["num_warps"], t["num_stages"])
+
+
 @functools.lru_cache(maxsize=1024)
 def lora_shrink_bk(in_dim: int, dtype: torch.dtype) -> int:
     return pow2(in_dim, 16, 128 if dtype != torch.float32 else 64)
@@ -78,6 +155,37 @@ def lora_shrink_bk(in_dim: int, dtype: torch.dtype) -> int:
 @functools.lru_cache(maxsize=1024)
 def lora_expand_bn(out_dim: int, dtype: torch.dtype) -> int:
     return pow2(out_dim, 16, 128 if dtype != torch.float32 else 64)
+
+
+@dataclass(frozen=True)
+class LoraTiles:
+    """The MoE LoRA shrink's BK or the expand's BN (BM is the alignment's, BR = RANK_TILE)."""
+
+    BLOCK: int
+    num_warps: int = 4
+    num_stages: int | None = None  # None: Triton's default (the launch passes nothing)
+
+    def launch_kwargs(self) -> dict:
+        return {"num_warps": self.num_warps} | ({"num_stages": self.num_stages} if self.num_stages else {})
+
+
+@functools.lru_cache(maxsize=4096)
+def lora_shrink_tiles(num_pairs: int, num_experts: int, in_dim: int, block_m: int, dtype: torch.dtype,
+                      device: torch.device) -> LoraTiles:
+    """block_m: the launch's alignment BM (moe_block_m in the fused MoE, lora_block_m alone)."""
+    t = table_config("lora_shrink", num_experts, RANK_TILE, in_dim, dtype, device, num_pairs, block_m)
+    if t is None:
+        return LoraTiles(lora_shrink_bk(in_dim, dtype))
+    return LoraTiles(t["BK"], t["num_warps"], t["num_stages"])
+
+
+@functools.lru_cache(maxsize=4096)
+def lora_expand_tiles(num_pairs: int, num_experts: int, out_dim: int, block_m: int, dtype: torch.dtype,
+                      device: torch.device) -> LoraTiles:
+    t = table_config("lora_expand", num_experts, out_dim, RANK_TILE, dtype, device, num_pairs, block_m)
+    if t is None:
+        return LoraTiles(lora_expand_bn(out_dim, dtype))
+    return LoraTiles(t["BN"], t["num_warps"], t["num_stages"])
 
 
 def lora_block_m(num_pairs: int) -> int:

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     a("--seed", type=int, default=EngineArgs.seed)
     a("--enforce-eager", action="store_true")
+    a("--cuda-graph-sizes", type=_positive(int), nargs="+", default=None,
+      help="decode batch sizes captured as CUDA graphs at start-up (default: 1 2 4 8 16 24 32 48 64 96 "
+      "128 192 256 up to --max-num-seqs, and --max-num-seqs)")
+    a("--strict-cuda-graphs", action="store_true",
+      help="a CUDA graph capture failure stops the engine (default: an error is logged, the "
+      "drlora:cuda_graphs_enabled gauge drops to 0 and decode runs eagerly); also DRLORA_STRICT_CUDA_GRAPHS=1")
     a("--load-format", default="auto", choices=["auto", "dummy"],
       help="dummy: random weights of the config's shape, no checkpoint needed (benchmarks)")
     a("--cpu-threads", type=_positive(int), default=None,
@@ -187,6 +193,7 @@ def _configure(parser, args):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+        cuda_graph_sizes=args.cuda_graph_sizes, strict_cuda_graphs=args.strict_cuda_graphs,
         seed=args.seed, load_format=args.load_format, model_class=args.model_class,
         async_scheduling=args.async_scheduling, cpu_threads=args.cpu_threads)
     from server.state import ServerConfig

@@ -65,6 +65,15 @@ class EngineCollector(Collector):
         yield counter("vllm:generation_tokens", "Generated tokens.", s.generation_tokens_total)
         yield counter("vllm:num_preemptions", "Preemptions by the scheduler.",
                       s.num_preemptions_total)
+        yield gauge("drlora:cuda_graphs_enabled", "1 while decode steps can replay CUDA graphs (0 on CPU, "
+                    "with --enforce-eager, or after a capture failure).", float(s.cuda_graphs_enabled))
+        steps = CounterMetricFamily("drlora:decode_steps", "Decode-only steps by how they ran: graph "
+                                    "(CUDA graph replay) or eager.", labels=["model_name", "mode"])
+        steps.add_metric([engine.model_name, "graph"], s.cuda_graph_replays_total)
+        steps.add_metric([engine.model_name, "eager"], s.eager_decode_steps_total)
+        yield steps
+        yield counter("drlora:cuda_graph_capture_failures", "CUDA graph captures that failed (the error "
+                      "is logged; graphs are then off).", s.cuda_graph_capture_failures_total)
         # vLLM's convention: one sample whose labels carry the adapter lists and whose value
         # is the time of the reading (the gateway takes the newest sample).
         info = GaugeMetricFamily(

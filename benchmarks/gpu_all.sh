@@ -31,3 +31,12 @@ python benchmarks/engine.py --shape qwen3-moe --memory-only --out "$out/engine_q
 python benchmarks/serve.py --dummy qwen3-moe --make-adapters 4 -c 64 -n 256 --max-tokens 128 \
     --out "$out/serve_qwen3.json" 2>&1 | tail -20 | tee "$out/serve_qwen3.log"
 python benchmarks/train_overhead.py --device cuda --out "$out/train_overhead.json" 2>&1 | tee "$out/train_overhead.log"
+# Host cost of structured outputs on this machine's many host cores (a stub model on the CPU, no
+# GPU work; the 2-core CI machine gave 1.3-2.1x with no device time, target <= 1.5x): half the rows
+# of batch 64 schema-constrained vs none, three rounds each, interleaved.
+for round in 1 2 3; do
+  for frac in 0 0.5; do
+    python benchmarks/host_overhead.py --device-ms 0 4.6 --batches 64 --skip-http --big-prompt-mb 0 \
+        --constrained-fraction $frac --out "$out/host_constrained_${frac}_r${round}.json" 2>&1 | tee -a "$out/host_constrained.log"
+  done
+done

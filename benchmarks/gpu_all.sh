@@ -4,7 +4,8 @@
 # the tile tuner, the CUDA-marked tests (every Triton kernel against its twin on the device),
 # then the kernel, engine and HTTP benchmarks at OLMoE-1B-7B shapes with random weights, and the engine and HTTP
 # rows at Qwen3-30B-A3B shapes (random weights, 4 adapters: 57 GiB of weights). Results (JSON and logs)
-# go to ${OUT:-bench-gpu}/. Written for the first GPU session; it has not run yet. The device
+# go to ${OUT:-bench-gpu}/; benchmarks/gpu_summary.py then writes the issue's headline figures
+# (gpu-h100.json: decode tok/s, adapter ratio, rank-exact vs padded, ...) with their targets. Written for the first GPU session; it has not run yet. The device
 # image lacks the server's dependencies (fastapi, uvicorn, pydantic, pyzmq, msgspec, httptools):
 # `bash scripts/device_wheels.sh` here fetches their wheels into .whl/, to carry and install
 # there first (see that script).
@@ -21,8 +22,8 @@ python benchmarks/tune.py --shape olmoe qwen3-moe --max-seconds 360 2>&1 | tee "
 cp kernels/configs/*.json "$out/" 2>/dev/null
 python -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/serve tests/train 2>&1 | tee "$out/cuda_tests.log"
 python benchmarks/launch_count.py --device cuda --dense --host --out "$out/launches.json" 2>&1 | tee "$out/launches.log"
-python benchmarks/kernel_bench.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
-python benchmarks/engine.py --out "$out/engine.json" 2>&1 | tee "$out/engine.log"
+python benchmarks/kernel_bench.py --large --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log"
+python benchmarks/engine.py --batches 1 16 64 128 256 --padded-batches 64 --out "$out/engine.json" 2>&1 | tee "$out/engine.log"
 python benchmarks/engine.py --memory-only --out "$out/engine_memory.json" 2>&1 | tee -a "$out/engine.log"
 python benchmarks/serve.py --dummy olmoe --make-adapters 16 -c 64 -n 512 --max-tokens 128 \
     --out "$out/serve.json" 2>&1 | tail -20 | tee "$out/serve.log"
@@ -40,3 +41,5 @@ for round in 1 2 3; do
         --constrained-fraction $frac --out "$out/host_constrained_${frac}_r${round}.json" 2>&1 | tee -a "$out/host_constrained.log"
   done
 done
+# The headline figures with their targets (the GPU issue's JSON): copy it back and commit it.
+python benchmarks/gpu_summary.py "$out" --out "$out/gpu-h100.json" 2>&1 | tee "$out/summary.log"

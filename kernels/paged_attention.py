@@ -11,8 +11,9 @@ paged_prefill_attention: causal attention of C prefill chunks (varlen, C = chunk
 
 Decode on Triton (G = QH // KVH, S splits): one program per (sequence, kv head, split) handles
 the kv head's G query heads together (GQA grouping: each K/V block is read once per kv head, not
-G times; G = 1, OLMoE, keeps the vector-only path; G > 1 runs the heads as tl.dot rows, padded to 16). When B x KVH programs are too few to fill the
-GPU (small batch, long block tables), each sequence's context is split over S programs
+G times; G = 1, OLMoE, keeps the previous vector-only path; G > 1 runs the heads as the rows of
+tl.dot tiles, padded to 16). When B x KVH programs are too few to fill the GPU (small batch,
+long block tables), each sequence's context is split over S programs
 (flash-decoding): each takes its share of the sequence's blocks (computed in-kernel from the
 context length) and writes a partial (max, sum, acc) in fp32, then a reduce kernel (grid (B, QH))
 combines them. S = kernels.tiles.decode_splits(B, KVH, MAXB, device): static values only, so a

@@ -1,6 +1,8 @@
 """One MoE layer at OLMoE-1B-7B shapes: torch grouped_mm vs our fused MoE, with rank-exact
 and padded multi-adapter LoRA; the routing alignment alone (one launch vs its torch twin);
-and prefill attention over the paged cache (one varlen launch vs torch SDPA per chunk).
+prefill attention over the paged cache (one varlen launch vs torch SDPA per chunk); and decode
+attention (GQA-grouped, split-KV as the heuristic picks vs unsplit vs the ungrouped reads of the
+previous per-query-head kernel).
 
     python benchmarks/kernel_bench.py --out results.json [--large] [--peak-gbs 3350]
 
@@ -25,10 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, uninstalled
 
-from kernels import MoeLoraLayer, fused_moe, moe_lora_align, pad_moe_lora, paged_prefill_attention  # noqa: E402
+from kernels import MoeLoraLayer, fused_moe, moe_lora_align, pad_moe_lora, paged_decode_attention, paged_prefill_attention  # noqa: E402
 from kernels import moe_align as kernels_moe_align  # noqa: E402
 from kernels.moe_align import moe_align_torch, moe_lora_align_torch  # noqa: E402
-from kernels.paged_attention import paged_prefill_attention_torch  # noqa: E402
+from kernels.paged_attention import decode_split_count, paged_prefill_attention_torch  # noqa: E402
 
 H, I, E, K, S = 2048, 1024, 64, 8, 16
 DT = torch.bfloat16
@@ -114,6 +116,40 @@ def prefill_attention_rows(gen: torch.Generator, dev) -> list[dict]:
     return out
 
 
+def decode_attention_rows(gen: torch.Generator, dev) -> list[dict]:
+    """Decode attention over the paged cache (block 16, head dim 128), OLMoE (16 q / 16 kv heads)
+    and Qwen3-30B-A3B (32 q / 4 kv heads), batch 1 / 64, context 512 / 4096: the split count the
+    heuristic picks (`split_us`), forced unsplit (`unsplit_us`, S = 1) and, for GQA, the previous
+    kernel's K/V reads (`ungrouped_us`: caches repeated to one kv head per query head, S = 1;
+    for OLMoE `unsplit_us` is the previous kernel)."""
+    d, bs = (32, 16) if SMOKE else (128, 16)
+    out = []
+    for model, qh, kvh in (("olmoe", 16, 16), ("qwen3-30b-a3b", 32, 4)):
+        for b, ctx in ((1, 512), (1, 4096), (64, 512), (64, 4096)):
+            if SMOKE:
+                qh, kvh, b, ctx = min(qh, 4), min(kvh, 2), min(b, 2), min(ctx, 64)
+            per = -(-ctx // bs)
+            kc = torch.randn(b * per, bs, kvh, d, generator=gen).to(DT).to(dev)
+            vc = torch.randn(b * per, bs, kvh, d, generator=gen).to(DT).to(dev)
+            tables = torch.randperm(b * per, generator=gen).view(b, per).to(torch.int32).to(dev)
+            q = torch.randn(b, qh, d, generator=gen).to(DT).to(dev)
+            lens = torch.full((b,), ctx, dtype=torch.int32).to(dev)
+            o = torch.empty_like(q)
+            row = {"model": model, "batch": b, "context": ctx, "splits": decode_split_count(b, kvh, per, q.device)}
+            row["split_us"] = bench(lambda: paged_decode_attention(q, kc, vc, tables, lens, d**-0.5, out=o))
+            split = o.clone()
+            row["unsplit_us"] = bench(lambda: paged_decode_attention(q, kc, vc, tables, lens, d**-0.5, out=o,
+                                                                     num_splits=1))
+            row["max_abs_diff_split_vs_unsplit"] = float((split.float() - o.float()).abs().max())
+            if qh != kvh:
+                kf, vf = kc.repeat_interleave(qh // kvh, 2), vc.repeat_interleave(qh // kvh, 2)
+                row["ungrouped_us"] = bench(lambda: paged_decode_attention(q, kf, vf, tables, lens, d**-0.5, out=o,
+                                                                           num_splits=1))
+                del kf, vf
+            out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results.json")
@@ -178,6 +214,7 @@ def main() -> None:
         row["align_twin_us"] = bench(lambda: (moe_align_torch(ti, E, 16), moe_lora_align_torch(ti, slots, E, S, 16)))
         rows.append(row)
     attn = prefill_attention_rows(gen, dev)
+    dec = decode_attention_rows(gen, dev)
     hdr = f"{'T':>5} {'gmm us':>8} {'fused us':>9} {'+exact':>8} {'+padded':>8} {'W GB/s':>7} {'%peak':>6} {'ovh%':>6} {'pad/ex(lora)':>12} {'pad/ex(layer)':>13}"
     try:
         import triton
@@ -198,13 +235,19 @@ def main() -> None:
     print(f"{'chunks x len (prefix)':>22} {'varlen us':>10} {'sdpa loop us':>13}")
     for a in attn:
         print(f"{a['label']:>22} {a['varlen_us']:10.1f} {a['sdpa_loop_us']:13.1f}")
+    print(f"{'decode attention':>22} {'B':>3} {'ctx':>5} {'S':>3} {'split us':>9} {'unsplit us':>10} {'ungrouped us':>12}")
+    for a in dec:
+        ug = f"{a['ungrouped_us']:12.1f}" if "ungrouped_us" in a else f"{'-':>12}"
+        print(f"{a['model']:>22} {a['batch']:>3} {a['context']:>5} {a['splits']:>3} {a['split_us']:9.1f} "
+              f"{a['unsplit_us']:10.1f} {ug}")
     env = {"gpu": name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "peak_gbs": peak, "seed": args.seed, "grouped_mm": has_gmm}
     shapes = {"H": H, "I": I, "E": E, "K": K, "S": S, "dtype": str(DT), "rank_min": RMIN, "rank_max": RMAX,
               "rank_mean": float(lora.ranks["gate"].float().mean()), "padded_rank": RPAD}
     with open(args.out, "w") as f:
-        json.dump({"env": env, "shapes": shapes, "rows": rows, "prefill_attention": attn}, f, indent=2)
+        json.dump({"env": env, "shapes": shapes, "rows": rows, "prefill_attention": attn,
+                   "decode_attention": dec}, f, indent=2)
     print(f"wrote {args.out}")
 
 

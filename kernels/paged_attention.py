@@ -8,14 +8,31 @@ paged_decode_attention: out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over po
     [0, context_lens[b]) read through block_tables[b]; kv head = h // (QH // KVH); fp32 softmax.
 paged_prefill_attention: causal attention of C prefill chunks (varlen, C = chunks; rows
     [cu_q[c], cu_q[c+1]) of q) over their cached prefix and themselves, in one launch.
+
+Decode on Triton (G = QH // KVH, S splits): one program per (sequence, kv head, split) handles
+the kv head's G query heads together (GQA grouping: each K/V block is read once per kv head, not
+G times; G = 1, OLMoE, keeps the previous vector-only path; G > 1 runs the heads as the rows of
+tl.dot tiles, padded to 16). When B x KVH programs are too few to fill the GPU (small batch,
+long block tables), each sequence's context is split over S programs
+(flash-decoding): each takes its share of the sequence's blocks (computed in-kernel from the
+context length) and writes a partial (max, sum, acc) in fp32, then a reduce kernel (grid (B, QH))
+combines them. S = kernels.tiles.decode_splits(B, KVH, MAXB, device): static values only, so a
+CUDA graph captured per padded batch size holds the launches of every step it replays; S = 1
+is the single unsplit launch. `num_splits=` (or DRLORA_DECODE_SPLITS) forces S (tests), capped
+at MAXB. The scratch partials (B, QH, S, D + 2) fp32 are allocated per call (in a captured graph:
+from its memory pool).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels._dispatch import check, check_same_device, checked_once, dot_precision, empty, interp_upcast, meta, use_triton
-from kernels.tiles import prefill_attention_tiles
+from kernels.tiles import decode_splits, prefill_attention_tiles
+
+SPLITS_ENV = "DRLORA_DECODE_SPLITS"  # force the decode split count S (tests; capped at MAXB)
 
 
 def _p2(n: int) -> int:
@@ -106,10 +123,26 @@ def _check_decode(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
     check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens, out=out)
 
 
+def decode_split_count(batch: int, kv_heads: int, max_blocks: int, device: torch.device,
+                       num_splits: int | None = None) -> int:
+    """S for a decode launch: num_splits, else DRLORA_DECODE_SPLITS, else the heuristic
+    (kernels.tiles.decode_splits); at least 1, at most max(MAXB, 1)."""
+    if num_splits is None:
+        forced = os.environ.get(SPLITS_ENV, "").strip()
+        num_splits = int(forced) if forced else decode_splits(batch, kv_heads, max_blocks, device)
+    return max(1, min(int(num_splits), max(max_blocks, 1)))
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """q (B, QH, D) -> (B, QH, D); block_tables (B, MAXB) int32, context_lens (B,) int32.
-    out (B, QH, D) like q (a view into a larger buffer is fine): written in place and returned."""
+                           out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Semantics: out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the first context_lens[b]
+    cached positions of sequence b (read through block_tables[b]), kv head h // (QH // KVH);
+    fp32 softmax; an empty context gives zeros.
+
+    q (B, QH, D) -> (B, QH, D); block_tables (B, MAXB) int32, context_lens (B,) int32.
+    out (B, QH, D) like q (a view into a larger buffer is fine): written in place and returned.
+    num_splits: force the split-KV count S (None: DRLORA_DECODE_SPLITS, else the heuristic; see
+    the module docstring); the Triton path only, the result does not depend on it."""
     checked_once(("paged_decode_attention", *map(meta, (q, k_cache, v_cache, block_tables, context_lens, out))),
                  lambda: _check_decode(q, k_cache, v_cache, block_tables, context_lens, out))
     b, qh, d = q.shape
@@ -117,16 +150,33 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if not use_triton(q):
         res = paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
         return res if out is None else out.copy_(res)
-    from kernels._tl.attention import paged_decode_kernel
+    from kernels._tl.attention import paged_decode_kernel, paged_decode_reduce_kernel
 
     out = out if out is not None else empty(*q.shape, dtype=q.dtype, device=q.device)
     if b == 0:
         return out
-    paged_decode_kernel[(b, qh)](
-        q, k_cache, v_cache, out, block_tables, context_lens, float(scale), kvh, d, block_tables.shape[1],
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        G=qh // kvh, BS=bs, BSP=_p2(bs), DP=_p2(d), num_warps=4,
+    maxb = block_tables.shape[1]
+    s = decode_split_count(b, kvh, maxb, q.device, num_splits)
+    g = qh // kvh
+    lo = 1 if g == 1 else 16  # G > 1: tl.dot tiles (every dim >= 16)
+    gp, bsp, dp = (1 if g == 1 else max(lo, _p2(g))), max(lo, _p2(bs)), max(lo, _p2(d))
+    if s == 1:
+        part_m = part_l = part_acc = out  # not read nor written (SPLIT=False)
+    else:
+        n = b * qh * s
+        n16 = -(-n // 4) * 4  # each part starts 16-byte aligned (pointer specialisation stays alike)
+        part = empty(2 * n16 + n * d, dtype=torch.float32, device=q.device)
+        part_m, part_l, part_acc = part[:n], part[n16:n16 + n], part[2 * n16:]
+    paged_decode_kernel[(b, kvh, s)](
+        q, k_cache, v_cache, out, block_tables, context_lens, part_m, part_l, part_acc, float(scale),
+        qh, kvh, d, maxb, s, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        G=g, GP=gp, BS=bs, BSP=bsp, DP=dp, SPLIT=s > 1, PRECISION=dot_precision(q.dtype),
+        UPCAST=interp_upcast(q.dtype), num_warps=4,
     )
+    if s > 1:
+        paged_decode_reduce_kernel[(b, qh)](
+            part_m, part_l, part_acc, out, qh, d, s, out.stride(0), out.stride(1), SP=_p2(s), DP=dp, num_warps=4,
+        )
     return out
 
 

@@ -1,7 +1,7 @@
 """Tile configurations of every Triton launch, chosen in one place and cached per shape.
 
 Legend: N routed pairs, E experts, IN/OUT GEMM dims, W row width, T tokens, D head dim,
-M a table's routed-pair bucket.
+M a table's routed-pair bucket, B decode sequences, KVH kv heads, MAXB blocks per sequence.
 
 Each function is a heuristic keyed on what the launch's shape depends on (sizes, dtype, device)
 and memoised, so a launcher pays a dict lookup, not the heuristic, per call. The MoE GEMM and
@@ -246,3 +246,24 @@ class PrefillTiles:
 def prefill_attention_tiles(max_q_len: int, head_dim: int) -> PrefillTiles:
     bm = 16 if max_q_len <= 16 else (32 if max_q_len <= 32 else 64)
     return PrefillTiles(bm, 32 if head_dim > 128 else 64, 4)
+
+
+# ----------------------------------------------------------------------------- decode attention
+DECODE_MAX_SPLITS = 16  # split-KV: at most this many programs per (sequence, kv head)
+DECODE_MIN_SPLIT_BLOCKS = 4  # and at least this many cache blocks per split (of MAXB)
+
+
+@functools.lru_cache(maxsize=4096)
+def decode_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device) -> int:
+    """Split-KV count S of paged decode attention (flash-decoding): the programs per (sequence,
+    kv head). B x KVH programs that already give about two per SM -> 1 (no split, no reduce
+    launch); else enough splits for ~2 programs per SM, at most DECODE_MAX_SPLITS and at most
+    MAXB // DECODE_MIN_SPLIT_BLOCKS (short tables do not split). A function of static values only
+    (padded batch, head count, block-table width, SM count), never of the step's context
+    lengths: a CUDA graph captured at one batch size replays with the launches it recorded."""
+    programs = max(batch, 1) * max(kv_heads, 1)
+    target = 2 * num_sms(device)
+    if programs >= target:
+        return 1
+    return max(1, min(DECODE_MAX_SPLITS, -(-target // programs), max_blocks // DECODE_MIN_SPLIT_BLOCKS))
+

@@ -76,9 +76,10 @@ def _step_metadata(t: int, maxb: int):
                 max_q_len=t // c)
 
 
-def _run_ops(steps=((64, 256), (4096, 256)), dtypes=("bfloat16", "float32")):
+def _run_ops(steps=((64, 256), (4096, 256), (1, 256)), dtypes=("bfloat16", "float32")):
     """Call every public op the way the model runner does (kernels/ on its Triton path), per
-    dtype, for each step (token count, block-table width): decode and prefill sizes."""
+    dtype, for each step (token count, block-table width): decode and prefill sizes, and batch 1
+    over a 4096-token table (decode attention splits there: split kernel + reduce)."""
     import torch
 
     from kernels.attention_input import attention_input
@@ -126,6 +127,9 @@ def _run_ops(steps=((64, 256), (4096, 256)), dtypes=("bfloat16", "float32")):
             q = torch.empty(t, QH, D, dtype=dt)
             store_kv(torch.empty(t, QH, D, dtype=dt), torch.empty(t, QH, D, dtype=dt), kc, vc, m["slot_mapping"])
             paged_decode_attention(q, kc, vc, m["block_tables"], m["context_lens"], D ** -0.5)
+            # GQA decode (Qwen3-MoE: 32 q heads over 4 kv heads, G = 8 per program)
+            gq, gkv = torch.empty(t, 32, D, dtype=dt), torch.empty(nb, bs, 4, D, dtype=dt)
+            paged_decode_attention(gq, gkv, gkv, m["block_tables"], m["context_lens"], D ** -0.5)
             paged_prefill_attention(q, kc, vc, m["chunk_tables"], m["cu_q"], m["chunk_lens"], m["max_q_len"],
                                     D ** -0.5)
 
@@ -185,13 +189,15 @@ def compile_all() -> None:
     print(f"OK {n} {sorted(names)}")
 
 
-def check_no_respecialization() -> None:
+def check_no_respecialization(steps=((1, 1), (16, 16), (17, 5), (64, 256))) -> None:
     """Steps of 1, 16, 17 and 64 tokens (block tables 1, 16, 5, 256 wide, metadata at the model
     runner's offsets) specialise every launch's runtime arguments alike: a new batch size
-    recompiles nothing (the launchers' tile constexprs aside, which are the heuristics' choice)."""
+    recompiles nothing (the launchers' tile constexprs aside, which are the heuristics' choice).
+    The decode split count is pinned by DRLORA_DECODE_SPLITS (the caller's), so every step
+    launches the same kernels."""
     _, backend = _target()
     per_step = []
-    for step in ((1, 1), (16, 16), (17, 5), (64, 256)):
+    for step in steps:
         per_step.append((step, [(fn.__name__, [(p.name, sp) for p, sp in zip(fn.params, _bind(fn, a, kw, backend)[0])
                                                 if not p.is_constexpr])
                                 for fn, a, kw in record_launches(steps=(step,), dtypes=("bfloat16",))]))
@@ -203,10 +209,10 @@ def check_no_respecialization() -> None:
     print("RESPECIALIZED " + "; ".join(sorted(set(bad))) if bad else f"STABLE {len(ref)}")
 
 
-def _subprocess(call: str) -> str:
+def _subprocess(call: str, **extra_env: str) -> str:
     # own process: TRITON_INTERPRET=1 (set by conftest on CPU) changes triton.language globally;
     # DRLORA_FORCE_TRITON=1 sends the CPU tensors down the launchers' Triton path
-    env = {**os.environ, "TRITON_INTERPRET": "0", "DRLORA_FORCE_TRITON": "1", "DRLORA_POISON": "0"}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "DRLORA_FORCE_TRITON": "1", "DRLORA_POISON": "0", **extra_env}
     here = os.path.dirname(__file__)
     code = "import sys; sys.path.insert(0, %r); import test_compile; test_compile.%s" % (here, call)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -216,7 +222,13 @@ def _subprocess(call: str) -> str:
 
 
 def test_no_respecialization_per_step():
-    out = _subprocess("check_no_respecialization()")
+    out = _subprocess("check_no_respecialization()", DRLORA_DECODE_SPLITS="1")
+    assert "STABLE" in out, out
+
+
+def test_no_respecialization_per_step_split():
+    """The same with decode split in 4 (block tables >= 4 wide): split kernel and reduce too."""
+    out = _subprocess("check_no_respecialization(((4, 4), (16, 16), (17, 5), (64, 256)))", DRLORA_DECODE_SPLITS="4")
     assert "STABLE" in out, out
 
 
@@ -227,5 +239,5 @@ def test_compile_sm90():
     assert "OK" in out
     for name in ("moe_gemm_kernel", "lora_shrink_kernel", "lora_expand_kernel", "moe_align_kernel",
                  "add_rms_norm_kernel", "route_topk_kernel", "attention_input_kernel", "store_kv_kernel",
-                 "paged_decode_kernel", "paged_prefill_kernel"):
+                 "paged_decode_kernel", "paged_decode_reduce_kernel", "paged_prefill_kernel"):
         assert name in out, f"{name} was never launched: {out}"

@@ -58,6 +58,81 @@ def test_decode_triton_vs_twin(B, QH, KVH, D, BS, dtype, triton_on):
     assert_close(out, ref, dtype)
 
 
+# ragged contexts over BS = 4, MAXB = 10: one token, empty, under a block, exactly a block, a block
+# and one, several blocks, the whole table (with S = 8 most of these are shorter than the split count)
+GQA_LENS = [1, 0, 3, 4, 5, 13, 40, 37]
+GQA_HEADS = [(4, 4), (4, 2), (6, 2), (8, 2), (12, 2), (16, 2)]  # G = 1, 2, 3, 4, 6, 8
+
+
+def _gqa_setup(QH, KVH, dtype, device, lens=GQA_LENS, D=24, BS=4, MAXB=10):
+    B = len(lens)
+    NB = B * MAXB + 3
+    tables = torch.randperm(NB)[: B * MAXB].view(B, MAXB).to(torch.int32)
+    q = torch.randn(B, QH, D).to(dtype)
+    kc = torch.randn(NB, BS, KVH, D).to(dtype)
+    vc = torch.randn(NB, BS, KVH, D).to(dtype)
+    return [t.to(device) for t in (q, kc, vc, tables, torch.tensor(lens, dtype=torch.int32))]
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])
+@pytest.mark.parametrize("QH,KVH", GQA_HEADS)
+def test_decode_gqa_split_vs_twin(QH, KVH, splits, triton_on):
+    """Grouped heads (G = QH // KVH, padded to a power of two) and split-KV (S forced) against the
+    twin on ragged contexts; DRLORA_POISON leaves NaN in any partial a split failed to write."""
+    q, kc, vc, tables, lens = _gqa_setup(QH, KVH, torch.float32, triton_on)
+    out = paged_decode_attention(q, kc, vc, tables, lens, 0.3, num_splits=splits)
+    ref = paged_decode_attention_torch(*[t.cpu() for t in (q, kc, vc, tables, lens)], 0.3)
+    assert_close(out, ref, torch.float32)
+    assert (out[1] == 0).all(), "empty context -> zeros"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("QH,KVH,splits", [(4, 4, 4), (8, 2, 1), (12, 2, 3), (16, 2, 16)])
+def test_decode_gqa_split_dtypes(QH, KVH, splits, dtype, triton_on):
+    q, kc, vc, tables, lens = _gqa_setup(QH, KVH, dtype, triton_on)
+    sentinel = torch.full((len(GQA_LENS), QH + 2, q.shape[2]), 7.0, dtype=dtype, device=q.device)
+    out = paged_decode_attention(q, kc, vc, tables, lens, 0.3, out=sentinel[:, 1:QH + 1], num_splits=splits)
+    ref = paged_decode_attention_torch(*[t.cpu() for t in (q, kc, vc, tables, lens)], 0.3)
+    assert_close(out, ref, dtype)
+    assert (sentinel[:, 0] == 7).all() and (sentinel[:, -1] == 7).all(), "only the out view is written"
+
+
+def test_decode_all_empty_split(triton_on):
+    q, kc, vc, tables, lens = _gqa_setup(8, 2, torch.float32, triton_on, lens=[0, 0, 0])
+    out = paged_decode_attention(q, kc, vc, tables, lens, 0.3, num_splits=4)
+    assert (out == 0).all()
+
+
+def test_decode_split_env(triton_on, monkeypatch):
+    """DRLORA_DECODE_SPLITS forces S (capped at MAXB); the result does not change."""
+    from kernels.paged_attention import decode_split_count
+
+    monkeypatch.setenv("DRLORA_DECODE_SPLITS", "5")
+    assert decode_split_count(64, 16, 256, torch.device("cpu")) == 5
+    assert decode_split_count(1, 4, 3, torch.device("cpu")) == 3
+    assert decode_split_count(1, 4, 256, torch.device("cpu"), num_splits=2) == 2
+    q, kc, vc, tables, lens = _gqa_setup(6, 2, torch.float32, triton_on)
+    out = paged_decode_attention(q, kc, vc, tables, lens, 0.3)
+    assert_close(out, paged_decode_attention_torch(*[t.cpu() for t in (q, kc, vc, tables, lens)], 0.3), torch.float32)
+
+
+def test_decode_split_heuristic():
+    """S from static values: 1 once B x KVH gives ~2 programs per SM (132 SMs off CUDA) or the
+    table is short; else enough for ~2 waves, capped; never more than MAXB // 4."""
+    from kernels.tiles import DECODE_MAX_SPLITS, decode_splits
+
+    cpu = torch.device("cpu")
+    assert decode_splits(64, 16, 256, cpu) == 1  # OLMoE batch 64: 1024 programs
+    assert decode_splits(256, 4, 256, cpu) == 1  # Qwen3-30B-A3B batch 256
+    assert decode_splits(1, 16, 256, cpu) == DECODE_MAX_SPLITS  # OLMoE batch 1, 4096 tokens
+    assert decode_splits(1, 4, 256, cpu) == DECODE_MAX_SPLITS  # Qwen3 batch 1
+    assert decode_splits(16, 4, 256, cpu) == 5  # 64 programs -> 5 splits (320 >= 264)
+    assert decode_splits(1, 16, 32, cpu) == 8  # 512 tokens: at least 4 blocks per split
+    assert decode_splits(8, 4, 2, cpu) == 1  # two blocks: no split
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        assert 1 <= decode_splits(b, 4, 256, cpu) <= DECODE_MAX_SPLITS
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_kv(dtype, device, monkeypatch):
     T, KVH, D, NB, BS = 7, 2, 24, 4, 4

@@ -77,6 +77,34 @@ def run_all(engine: LLMEngine, max_steps: int = 10_000) -> dict:
     return done
 
 
+def run_all_with_logits(engine: LLMEngine) -> tuple[dict, dict, dict]:
+    """run_all, also collecting the engine's raw logits per request id: (outputs, prompt rows
+    (P - 1, V) in position order, generated rows (G, V)), read from each launched step."""
+    captured = []
+    launch = engine.runner.launch
+
+    def spy(batch):
+        step = launch(batch)
+        captured.append(step)
+        return step
+
+    engine.runner.launch = spy
+    try:
+        outs = run_all(engine)
+    finally:
+        engine.runner.launch = launch
+    prompt_rows: dict = {}
+    gen_rows: dict = {}
+    for step in captured:
+        for seq, start, rows in step.prompt_logits:
+            prompt_rows.setdefault(seq.request.request_id, []).append((start, rows))
+        for j, seq in enumerate(step.sample_seqs):
+            gen_rows.setdefault(seq.request.request_id, []).append(step.sample_logits[j])
+    prompt_logits = {r: torch.cat([rows for _, rows in sorted(v, key=lambda x: x[0])]) for r, v in prompt_rows.items()}
+    gen_logits = {r: torch.stack(v) for r, v in gen_rows.items()}
+    return outs, prompt_logits, gen_logits
+
+
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog",
     "Once upon a time",

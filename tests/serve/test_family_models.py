@@ -22,7 +22,7 @@ from drlora_serve.models.moe import MoeForServing
 from drlora_serve.types import SamplingParams
 
 from tests.family_helpers import FAMILIES, merged_hf_model
-from serve_helpers import PROMPTS, make_adapter, make_engine, run_all
+from serve_helpers import PROMPTS, make_adapter, make_engine, run_all, run_all_with_logits
 
 ATOL = 1e-4
 
@@ -57,15 +57,6 @@ def test_shape_records_the_family(family):
 def test_mixed_batch_matches_transformers(family):
     d, tok, adapters = family
     eng = make_engine(d, tok, adapters_dir=str(adapters), max_num_batched_tokens=48)
-    captured = []
-    launch = eng.runner.launch
-
-    def spy(batch):
-        step = launch(batch)
-        captured.append(step)
-        return step
-
-    eng.runner.launch = spy
     names = [None, "a", "b"]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=1)
     prompts = {}
@@ -73,14 +64,7 @@ def test_mixed_batch_matches_transformers(family):
         toks = tok.encode(PROMPTS[i] + " " + PROMPTS[3])  # more than one prefill chunk for some
         prompts[f"r{i}"] = toks
         eng.add_request(f"r{i}", toks, sp, name)
-    outs = run_all(eng)
-    prompt_logits = {r: [] for r in prompts}
-    gen_logits = {r: [] for r in prompts}
-    for step in captured:
-        for seq, start, rows in step.prompt_logits:
-            prompt_logits[seq.request.request_id].append((start, rows))
-        for j, seq in enumerate(step.sample_seqs):
-            gen_logits[seq.request.request_id].append(step.sample_logits[j])
+    outs, prompt_logits, gen_logits = run_all_with_logits(eng)
     refs = {}
     for i, name in enumerate(names):
         rid = f"r{i}"
@@ -91,10 +75,10 @@ def test_mixed_batch_matches_transformers(family):
             ref = model(torch.tensor([full])).logits[0].float()  # (L, V)
         refs[name] = ref
         P = len(prompts[rid])
-        got_prompt = torch.cat([rows for _, rows in sorted(prompt_logits[rid], key=lambda x: x[0])])
+        got_prompt = prompt_logits[rid]
         assert got_prompt.shape[0] == P - 1
         torch.testing.assert_close(got_prompt, ref[:P - 1], atol=ATOL, rtol=0)
-        got_gen = torch.stack(gen_logits[rid])
+        got_gen = gen_logits[rid]
         assert got_gen.shape[0] == len(out.token_ids) == 6
         torch.testing.assert_close(got_gen, ref[P - 1:P + 5], atol=ATOL, rtol=0)
         with torch.no_grad():

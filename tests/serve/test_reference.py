@@ -9,49 +9,14 @@ from drlora.adapter_format import read_adapter
 
 from drlora_serve.types import SamplingParams
 
-from serve_helpers import PROMPTS, make_engine, run_all
+from serve_helpers import PROMPTS, make_engine, run_all_with_logits
+from tests.family_helpers import merged_hf_model
 
 ATOL = 1e-4
 
 
-def merged_hf_model(tiny_dir, adapter=None):
-    from transformers import OlmoeForCausalLM
-
-    model = OlmoeForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
-    if adapter is None:
-        return model
-    I = model.config.intermediate_size
-    with torch.no_grad():
-        for l, layer in enumerate(model.model.layers):
-            ex = layer.mlp.experts
-            for p in adapter.config.ranks:
-                d = adapter.expert_delta(l, p)  # (E, out, in)
-                if p == "gate":
-                    ex.gate_up_proj[:, :I] += d
-                elif p == "up":
-                    ex.gate_up_proj[:, I:] += d
-                else:
-                    ex.down_proj += d
-            for p, ranks in adapter.config.dense_ranks.items():
-                A, B = adapter.dense_lora(l, p)
-                getattr(layer.self_attn, p).weight += adapter.config.scaling * B.float() @ A.float()
-            w = adapter.router_weight(l)
-            if w is not None:
-                layer.mlp.gate.weight.copy_(w)
-    return model
-
-
 def test_mixed_batch_matches_transformers(tiny_dir, tiny_shape, tokenizer, adapters_dir):
     eng = make_engine(tiny_dir, tokenizer, adapters_dir=str(adapters_dir), max_num_batched_tokens=64)
-    captured = []
-    launch = eng.runner.launch
-
-    def spy(batch):
-        step = launch(batch)
-        captured.append(step)
-        return step
-
-    eng.runner.launch = spy
     names = [None, "a", "b", "c"]
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=3, logprobs=3)
     prompts = {}
@@ -59,15 +24,8 @@ def test_mixed_batch_matches_transformers(tiny_dir, tiny_shape, tokenizer, adapt
         toks = tokenizer.encode(PROMPTS[i % len(PROMPTS)] + " " + PROMPTS[3])  # > 1 chunk for some
         prompts[f"r{i}"] = toks
         eng.add_request(f"r{i}", toks, sp, name)
-    outs = run_all(eng)
-    # collect the engine's raw logits per request: prompt rows then generated rows
-    prompt_logits = {r: [] for r in prompts}
-    gen_logits = {r: [] for r in prompts}
-    for step in captured:
-        for seq, start, rows in step.prompt_logits:
-            prompt_logits[seq.request.request_id].append((start, rows))
-        for j, seq in enumerate(step.sample_seqs):
-            gen_logits[seq.request.request_id].append(step.sample_logits[j])
+    # the engine's raw logits per request: prompt rows and generated rows
+    outs, prompt_logits, gen_logits = run_all_with_logits(eng)
     for i, name in enumerate(names):
         rid = f"r{i}"
         adapter = read_adapter(adapters_dir / name) if name else None
@@ -77,10 +35,10 @@ def test_mixed_batch_matches_transformers(tiny_dir, tiny_shape, tokenizer, adapt
         with torch.no_grad():
             ref = model(torch.tensor([full])).logits[0].float()  # (L, V)
         P = len(prompts[rid])
-        got_prompt = torch.cat([rows for _, rows in sorted(prompt_logits[rid], key=lambda x: x[0])])
+        got_prompt = prompt_logits[rid]
         assert got_prompt.shape[0] == P - 1
         torch.testing.assert_close(got_prompt, ref[:P - 1], atol=ATOL, rtol=0)
-        got_gen = torch.stack(gen_logits[rid])
+        got_gen = gen_logits[rid]
         assert got_gen.shape[0] == len(out.token_ids)
         torch.testing.assert_close(got_gen, ref[P - 1:P - 1 + len(out.token_ids)], atol=ATOL, rtol=0)
         # greedy tokens identical to transformers' generate on the merged model

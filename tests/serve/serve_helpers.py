@@ -112,3 +112,64 @@ PROMPTS = [
     "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23",
     "A",
 ]
+
+
+# The engine twice in a subprocess (TRITON_INTERPRET must be set before triton compiles
+# anything): on the torch twins, then with every op on its Triton kernel (interpreter on CPU).
+# A warm-up request first caches PREFIX, so the prompts that share it get a prefill chunk with a
+# cached prefix. Greedy, 3 tokens each, with their logprobs.
+TRITON_PREFIX = "The quick brown fox jumps over the lazy dog and "
+_TRITON_SCRIPT = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[3])
+import torch
+torch.set_num_threads(1)
+from pathlib import Path
+from serve_helpers import TRITON_PREFIX as prefix, make_engine, run_all
+from drlora_serve.types import SamplingParams
+from transformers import AutoTokenizer
+model, adapters, prompts = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(str(model))
+sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=0)
+result = {}
+for mode in ("twin", "triton"):
+    os.environ["DRLORA_FORCE_TRITON"] = "1" if mode == "triton" else "0"
+    eng = make_engine(model, tok, adapters_dir=adapters, max_num_batched_tokens=16, block_size=4)
+    eng.add_request("warm", tok.encode(prefix + "x"), sp, None)
+    run_all(eng)  # the prefix is now cached
+    for i, (p, a) in enumerate(prompts):
+        eng.add_request(f"r{i}", tok.encode(p), sp, a)
+    outs = run_all(eng)
+    result[mode] = {rid: {"ids": o.outputs[0].token_ids, "lp": [t.logprob for t in o.outputs[0].logprobs]}
+                    for rid, o in outs.items()}
+    result[mode + "_cache_hits"] = eng.blocks.num_cache_hits
+print("RESULT" + json.dumps(result, default=float))
+'''
+
+
+def run_twins_and_triton(model_dir, adapters_dir, prompts: list[tuple[str, str | None]]) -> dict:
+    """{"twin": {rid: {"ids", "lp"}}, "triton": ..., "twin_cache_hits", "triton_cache_hits"} for
+    prompts [(text, adapter or None)] (see _TRITON_SCRIPT)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    here = Path(__file__).resolve().parent
+    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, str(model_dir), str(adapters_dir), str(here),
+                          json.dumps(prompts)], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=str(here.parent.parent))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.split("RESULT", 1)[1])
+
+
+def assert_triton_matches_twins(out: dict, num_requests: int) -> None:
+    """Identical greedy tokens, logprobs within 1e-3."""
+    twin, tri = out["twin"], out["triton"]
+    assert set(twin) == set(tri) and len(twin) == num_requests
+    for rid in twin:
+        assert tri[rid]["ids"] == twin[rid]["ids"], rid
+        for a, b in zip(tri[rid]["lp"], twin[rid]["lp"]):
+            assert abs(a - b) < 1e-3, (rid, a, b)

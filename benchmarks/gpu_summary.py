@@ -77,7 +77,8 @@ def engine_figures(engine: dict | None) -> dict:
 def kernel_figures(kernels: dict | None) -> dict:
     out = {"rank_exact_vs_padded": {"64": None, "256": None},
            "rank_exact_vs_padded_layer": {"64": None, "256": None},
-           "fused_moe_vs_grouped_mm_min": None, "fused_moe_vs_grouped_mm_tokens": None}
+           "fused_moe_vs_grouped_mm_min": None, "fused_moe_vs_grouped_mm_worst_at": None,
+           "fused_moe_vs_grouped_mm_tokens": None}
     if not kernels:
         return out
     rows = kernels.get("rows", [])
@@ -107,13 +108,19 @@ def train_figures(train: dict | None) -> dict:
     return out
 
 
+def figure(figures: dict, name: str):
+    """A figure by its dotted name ("decode_tok_s.64"), None when absent."""
+    v = figures
+    for part in name.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    return v
+
+
 def check(figures: dict) -> dict:
     """{figure: true/false/null}: each target met, missed, or not measured."""
     res = {}
     for name, (op, bound) in TARGETS.items():
-        v = figures
-        for part in name.split("."):
-            v = v.get(part) if isinstance(v, dict) else None
+        v = figure(figures, name)
         res[name] = None if v is None else (v >= bound if op == ">=" else v <= bound)
     return res
 
@@ -153,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     s = summarize(args.folder)
     print(f"{s['device']}  {s['versions']}")
     for name, target in s["targets"].items():
-        v = s
-        for part in name.split("."):
-            v = v.get(part) if isinstance(v, dict) else None
+        v = figure(s, name)
         met = s["met"][name]
         shown = "not measured" if v is None else f"{v:,.3f}" if v < 100 else f"{v:,.0f}"
         print(f"  {name:<30} {shown:>14}   target {target:<9} {'' if met is None else 'met' if met else 'MISSED'}")

@@ -25,6 +25,7 @@ from drlora_serve.logits_processors import (
     build_controls,
 )
 from drlora_serve.sequence import Sequence
+from kernels.token_bitmask import apply_token_bitmask_, mask_rows_np
 
 
 @dataclass
@@ -102,10 +103,13 @@ class Sampler:
         c = b.controls
         mt = extras.min_tokens if extras is not None else None
         grammar = extras is not None and extras.bitmask is not None
+        if grammar and c is None and mt is None and b.rand_rows is None and not b.want_logprobs \
+                and logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return SamplerOutput(greedy_masked_cpu(logits, extras.grammar_rows, extras.bitmask))
         if grammar or mt is not None or (c is not None and c.before_sampling):
             logits = logits.clone()
         if grammar:
-            apply_bitmask(logits, extras.grammar_rows, extras.bitmask)
+            apply_token_bitmask_(logits, extras.grammar_rows, extras.bitmask)
         lp = torch.log_softmax(logits, dim=-1) if b.want_logprobs else None  # raw (after the grammar)
         if c is not None:
             apply_controls(logits, c, state, mt)
@@ -150,28 +154,26 @@ class Sampler:
         return order.gather(1, pick[:, None]).squeeze(1)
 
 
-def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """-inf for the tokens a grammar forbids: bit t % 32 of word t // 32 of a row's mask says
-    whether token t is allowed (llguidance's layout, little-endian bytes); tokens past the mask
-    are forbidden. Each mask byte picks its 8 additive values (0 or -inf) from a 256-entry
-    table: one gather and one add, a few times cheaper than unpacking bits with shifts."""
-    V, Nc = logits.shape[1], bitmask.shape[0]
-    idx = bitmask.view(torch.uint8).reshape(-1).long()
-    add = _byte_table(logits.device).index_select(0, idx).view(Nc, -1)  # (Nc, 32 * W32)
-    if add.shape[1] < V:
-        add = torch.nn.functional.pad(add, (0, V - add.shape[1]), value=float("-inf"))
-    if add.shape[1] > V:
-        add = add[:, :V].contiguous()  # (index_add_ is many times slower on a strided source)
-    logits.index_add_(0, rows, add)  # rows are distinct: one addition per element
-
-
-_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
-def _byte_table(device: torch.device) -> torch.Tensor:
-    """(256, 8) fp32: entry [b, i] is 0 if bit i of byte b is set, else -inf (one per device)."""
-    t = _TABLES.get(device)
-    if t is None:
-        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-        t = _TABLES[device] = torch.where(bits.bool(), 0.0, float("-inf")).to(device)
-    return t
+def greedy_masked_cpu(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 greedy tokens under the constrained rows' grammar masks, on the CPU, without
+    copying or masking the whole (N, V) logits: a row's unmasked argmax stands when its mask
+    allows it (the mask only lowers other tokens to -inf, and np.argmax keeps the first of
+    equal maxima either way); only the rows whose argmax is forbidden are masked and searched
+    again (llama.cpp's grammar sampling does the same). The check is a plain loop over Nc
+    Python ints: cheaper than the NumPy calls it would take at these sizes."""
+    a = logits.numpy()
+    tokens = np.argmax(a, axis=-1)
+    row_bytes = 4 * bitmask.shape[1]
+    mask = bitmask.numpy().tobytes()  # (Nc * 4 W32 bytes: a few KB)
+    picked, r = tokens.tolist(), rows.numpy()
+    bad = []
+    for j, i in enumerate(r.tolist()):
+        t = picked[i]
+        if t >= 8 * row_bytes or not (mask[j * row_bytes + (t >> 3)] >> (t & 7)) & 1:
+            bad.append(j)
+    if bad:
+        rb = r[bad]
+        sub = a[rb]  # (a copy)
+        mask_rows_np(sub, bitmask.numpy()[bad])
+        tokens[rb] = np.argmax(sub, axis=-1)
+    return torch.from_numpy(tokens.astype(np.int64))

@@ -4,11 +4,12 @@ errors (loop-carried types, constexpr misuse) that the interpreter does not.
 What is compiled is what really runs: the public ops (kernels/*) are called on CPU tensors at
 OLMoE-1B-7B shapes (H 2048, I 1024, E 64, top-8, 16 heads x 128), decode and prefill sizes, and
 for the families the generic kernels serve (Qwen3-MoE's per-head q/k norm with GQA; Mixtral, no
-norm), with `JITFunction.run` replaced by a recorder. Each recorded launch is then bound by the
-installed Triton's own launch-time binder and `_pack_args` (the code `run` uses before it
-compiles), so the constexprs, num_warps and num_stages are the launcher's, and the signature and
-specialisation attributes (ints equal to 1, ints and pointers divisible by 16, `do_not_specialize`)
-are the ones a real launch of those arguments produces. CPU allocations are aligned like CUDA ones
+norm), and the sampler's grammar-mask kernel, with `JITFunction.run` replaced by a recorder.
+Each recorded launch is then bound by the installed Triton's own launch-time binder and
+`_pack_args` (the code `run` uses before it compiles), so the constexprs, num_warps and
+num_stages are the launcher's, and the signature and specialisation attributes (ints equal to 1,
+ints and pointers divisible by 16, `do_not_specialize`) are the ones a real launch of those
+arguments produces. CPU allocations are aligned like CUDA ones
 (>= 16 bytes), so pointer divisibility matches, views included; the step's metadata are views of
 one buffer at the model runner's offsets. The same binding shows that steps of other token counts
 specialise every launch alike (no recompile per batch size; `do_not_specialize` in kernels/_tl).
@@ -88,6 +89,7 @@ def _run_ops(steps=((64, 256), (4096, 256), (1, 256)), dtypes=("bfloat16", "floa
     from kernels.norm import add_rms_norm_, moe_combine, rms_norm
     from kernels.paged_attention import paged_decode_attention, paged_prefill_attention, store_kv
     from kernels.router import route_topk
+    from kernels.token_bitmask import apply_token_bitmask_
 
     dev = torch.device("cpu")  # tile heuristics then assume an H100's 132 SMs
     bs, nb = 16, 1024
@@ -132,6 +134,9 @@ def _run_ops(steps=((64, 256), (4096, 256), (1, 256)), dtypes=("bfloat16", "floa
             paged_decode_attention(gq, gkv, gkv, m["block_tables"], m["context_lens"], D ** -0.5)
             paged_prefill_attention(q, kc, vc, m["chunk_tables"], m["cu_q"], m["chunk_lens"], m["max_q_len"],
                                     D ** -0.5)
+    for t, _ in steps:  # the sampler's grammar masks: fp32 logits at OLMoE's vocab, half the rows
+        nc = max(1, t // 2)
+        apply_token_bitmask_(torch.empty(t, 50304), torch.arange(nc), torch.empty(nc, 1572, dtype=torch.int32))
 
 
 def record_launches(**run_ops) -> list:
@@ -239,5 +244,5 @@ def test_compile_sm90():
     assert "OK" in out
     for name in ("moe_gemm_kernel", "lora_shrink_kernel", "lora_expand_kernel", "moe_align_kernel",
                  "add_rms_norm_kernel", "route_topk_kernel", "attention_input_kernel", "store_kv_kernel",
-                 "paged_decode_kernel", "paged_decode_reduce_kernel", "paged_prefill_kernel"):
+                 "paged_decode_kernel", "paged_decode_reduce_kernel", "paged_prefill_kernel", "token_bitmask_kernel"):
         assert name in out, f"{name} was never launched: {out}"

@@ -234,10 +234,7 @@ class EngineCore:
         their tokens; the sequences whose token a grammar refused (only possible when no
         allowed token was left to sample: allowed_token_ids or bad_words excluding all the
         grammar allows)."""
-        finished = SeqStatus.FINISHED
-        live = [(seq, tokens[i]) for i, seq in step.sampling.constrained if seq.status is not finished]
-        oks = self.grammars.consume(live)  # in the executor's threads, without the GIL
-        refused = [seq for (seq, tok), ok in zip(live, oks) if not ok]
+        refused = self.grammars.advance(step.sampling.constrained, tokens)
         for seq in refused:
             log.warning("request %s: a token was refused by its grammar; the sequence is aborted",
                         seq.request.request_id)

@@ -314,7 +314,6 @@ class ModelRunner:
                 (end_seqs if c.start + c.num_tokens == c.seq.num_tokens else chunk_seqs).append(c.seq)
         for i, s in enumerate(sample_seqs):
             s.sample_row = i
-        logits = None
         step = LaunchedStep(self._step_id, sample_seqs, end_seqs, chunk_seqs, None, None, [], [])
         if sample_seqs:
             step.sample_logits = self.model.compute_logits(hidden[sample_rows])
@@ -348,7 +347,7 @@ class ModelRunner:
                                          torch.tensor(mt[1], dtype=torch.long, device=dev))
                 if bitmask is not None:
                     extras.grammar_rows = b.constrained_rows
-                    extras.bitmask = bitmask.to(dev, non_blocking=True)
+                    extras.bitmask = bitmask if dev.type == "cpu" else bitmask.to(dev, non_blocking=True)
             sampled = self.sampler(step.sample_logits, b, self.sampling_state, extras)
         else:
             sampled = SamplerOutput(torch.empty(0, dtype=torch.long, device=self.device))

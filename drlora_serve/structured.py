@@ -23,7 +23,11 @@ Where the work happens:
   matcher (a few microseconds);
 - the matcher advances only with tokens the core accepted (`_process`), never with a row
   computed for a sequence that had already ended; the masks of step N+1 are filled once step
-  N's tokens are in, while N+1's forward runs (core.py, "grammar masks").
+  N's tokens are in, while N+1's forward runs (core.py, "grammar masks"): in LLExecutor's
+  threads for batches of PARALLEL_MIN_ROWS rows or more when the host has cores to spare, in
+  the calling thread otherwise. They are applied on the device by one kernel
+  (kernels/token_bitmask.py); on the CPU, greedy batches mask only the rows whose argmax the
+  grammar forbids (sampler.greedy_masked_cpu).
 
 Legend: Nc constrained rows, W32 = ceil(V / 32) 32-bit words per mask, V vocab.
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +46,25 @@ from drlora_serve.types import InvalidRequestError, StructuredOutputsParams
 log = logging.getLogger(__name__)
 
 JSON_OBJECT_SCHEMA = '{"type":"object"}'
+
+# Handing a batch of masks to LLExecutor's thread pool costs ~15-30 us (measured on the 2-core
+# CI machine), about ten rows' masks (~2-4 us each): smaller batches, or a pool of one thread,
+# fill in the calling thread instead (each mask call drops the GIL there too).
+PARALLEL_MIN_ROWS = 16
+THREADS_ENV = "DRLORA_GRAMMAR_THREADS"
+
+
+def mask_threads() -> int:
+    """Threads for the batch's masks: DRLORA_GRAMMAR_THREADS, else llguidance's own default
+    (80% of the cores this process may run on, at most 32)."""
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        return max(1, int(env))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on Linux)
+        cores = os.cpu_count() or 1
+    return max(1, min(32, cores * 4 // 5))
 
 
 def _llg():
@@ -147,13 +171,17 @@ class GrammarEngine:
                  cache_size: int = 256):
         import torch
 
+        from drlora_serve.sequence import SeqStatus  # (torch: not at this module's import)
+
+        self._finished = SeqStatus.FINISHED
         self.load_tokenizer = load_tokenizer  # the HF tokenizer (loaded in the worker, on first use)
         self.vocab_size = vocab_size
         self.words = -(-vocab_size // 32)  # W32
         self._llt = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="drlora-grammar")
         self._cache = _LRU(cache_size)  # grammar text -> Future[compiled LLMatcher]
-        self._executor = None
+        self.threads = mask_threads()
+        self._executor = None  # LLExecutor, made on first use when threads > 1
         # two host mask buffers, used alternately: one may still be copied to the device
         self._masks = [torch.full((max_rows, self.words), -1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
@@ -196,29 +224,38 @@ class GrammarEngine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ per step
-    def consume(self, pairs: list[tuple[object, int]]) -> list[bool]:
-        """Advance the matchers of [(sequence, accepted token)]; False where a grammar refused
-        its token (the matcher is then in its error state)."""
-        if not pairs:
-            return []
-        return [s.grammar.consume_token(t) for s, t in pairs]  # (~1 us each: threads would cost more)
+    def advance(self, constrained: list[tuple[int, object]], tokens: list[int]) -> list[object]:
+        """Advance the matchers of the step's constrained rows [(row, sequence)] that are still
+        running with their rows' tokens; the sequences whose grammar refused its token (the
+        matcher is then in its error state). One call per row, in this thread: ~1 us each,
+        less than a hand-off to threads."""
+        refused, finished = [], self._finished
+        for i, s in constrained:
+            if s.status is not finished and not s.grammar.consume_token(tokens[i]):
+                refused.append(s)
+        return refused
 
     def fill(self, constrained: list[tuple[int, object]], want_ended: bool = False) -> tuple[object, set[int]]:
         """Masks for the constrained rows [(row, sequence)] of a step, from their matchers'
         current states: ((Nc, W32) int32 host bitmask, rows whose grammar allows only its end,
         when want_ended). A sequence that has ended meanwhile gets an all-allowed row (its
         token is dropped)."""
-        if self._executor is None:
-            self._executor = _llg().LLExecutor()  # llguidance picks the threads (80% of the cores)
         self._turn ^= 1
         n = len(constrained)
         mask = self._masks[self._turn][:n]
-        jobs = [(s.grammar, j) for j, (_, s) in enumerate(constrained) if not s.is_finished]
-        if len(jobs) < n:  # rows of sequences that ended: anything goes (their tokens are dropped)
-            for j, (_, s) in enumerate(constrained):
-                if s.is_finished:
-                    mask[j].fill_(-1)
+        ptr, row_bytes = mask.data_ptr(), self.words * 4
+        parallel = self.threads > 1 and n >= PARALLEL_MIN_ROWS
+        jobs, finished = [], self._finished
+        for j, (_, s) in enumerate(constrained):
+            if s.status is finished:  # anything goes: its token is dropped
+                mask[j].fill_(-1)
+            elif parallel:
+                jobs.append((s.grammar, j))
+            else:
+                s.grammar.unsafe_compute_mask_ptr(ptr + j * row_bytes, row_bytes)
         if jobs:  # every matcher's mask, in the executor's threads, without the GIL
-            self._executor.unsafe_compute_mask_ptr(jobs, mask.data_ptr(), self.words * 4, n)
+            if self._executor is None:
+                self._executor = _llg().LLExecutor(self.threads)
+            self._executor.unsafe_compute_mask_ptr(jobs, ptr, row_bytes, n)
         ended = {i for i, s in constrained if not s.is_finished and s.grammar.is_stopped()} if want_ended else set()
         return mask, ended

@@ -208,3 +208,22 @@ def test_async_scheduling_changes_no_constrained_output(tiny_dir, tokenizer, ada
         assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
         assert eng.stats().num_preemptions_total > 0
     assert results[True] == results[False]
+
+
+def test_masks_filled_in_threads_equal_in_line(tiny_dir, tokenizer, adapters_dir, monkeypatch):
+    """LLExecutor's threads (hosts with cores to spare) and the calling thread (small batches or
+    one thread, as on the 2-core CI machine) fill the same masks: the same outputs."""
+    import drlora_serve.structured as st
+
+    monkeypatch.setattr(st, "PARALLEL_MIN_ROWS", 1)
+    reqs = mixed_requests(tokenizer)
+    results = {}
+    for threads in (1, 2):
+        monkeypatch.setenv(st.THREADS_ENV, str(threads))
+        eng = make_engine(tiny_dir, tokenizer, adapters_dir=str(adapters_dir), max_num_batched_tokens=64)
+        for rid, (toks, sp, adapter) in reqs.items():
+            eng.add_request(rid, toks, sp, adapter)
+        results[threads] = {rid: summary(o) for rid, o in run_all(eng).items()}
+        assert eng.core.grammars.threads == threads
+        assert (eng.core.grammars._executor is not None) == (threads > 1)
+    assert results[1] == results[2]

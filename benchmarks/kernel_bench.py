@@ -2,7 +2,7 @@
 and padded multi-adapter LoRA; the routing alignment alone (one launch vs its torch twin);
 prefill attention over the paged cache (one varlen launch vs torch SDPA per chunk); and decode
 attention (GQA-grouped, split-KV as the heuristic picks vs unsplit vs the ungrouped reads of the
-previous per-query-head kernel).
+previous per-query-head kernel); the sampler's grammar-mask kernel vs its torch ops.
 
     python benchmarks/kernel_bench.py --out results.json [--large] [--peak-gbs 3350]
 
@@ -31,6 +31,7 @@ from kernels import MoeLoraLayer, fused_moe, moe_lora_align, pad_moe_lora, paged
 from kernels import moe_align as kernels_moe_align  # noqa: E402
 from kernels.moe_align import moe_align_torch, moe_lora_align_torch  # noqa: E402
 from kernels.paged_attention import decode_split_count, paged_prefill_attention_torch  # noqa: E402
+from kernels.token_bitmask import apply_token_bitmask_, apply_token_bitmask_torch_  # noqa: E402
 
 H, I, E, K, S = 2048, 1024, 64, 8, 16
 DT = torch.bfloat16
@@ -150,6 +151,25 @@ def decode_attention_rows(gen: torch.Generator, dev) -> list[dict]:
     return out
 
 
+def token_bitmask_rows(gen: torch.Generator, dev) -> list[dict]:
+    """The sampler's grammar masks (structured outputs) on fp32 logits at OLMoE's vocabulary,
+    half the rows constrained: one Triton launch vs the torch ops it replaced (byte-table
+    gather, pad, index_add_: the twin's path off the CPU)."""
+    V = 256 if SMOKE else 50304
+    W = -(-V // 32)
+    out = []
+    for n in ((4,) if SMOKE else (64, 256)):
+        nc = n // 2
+        logits = torch.randn(n, V, generator=gen).to(dev)
+        rows = torch.randperm(n, generator=gen)[:nc].to(dev)
+        mask = torch.randint(-2**31, 2**31 - 1, (nc, W), generator=gen, dtype=torch.int32).to(dev)
+        row = {"rows": n, "constrained": nc, "vocab": V}
+        row["kernel_us"] = bench(lambda: apply_token_bitmask_(logits, rows, mask))
+        row["torch_us"] = bench(lambda: apply_token_bitmask_torch_(logits, rows, mask))
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results.json")
@@ -215,6 +235,7 @@ def main() -> None:
         rows.append(row)
     attn = prefill_attention_rows(gen, dev)
     dec = decode_attention_rows(gen, dev)
+    masks = token_bitmask_rows(gen, dev)
     hdr = f"{'T':>5} {'gmm us':>8} {'fused us':>9} {'+exact':>8} {'+padded':>8} {'W GB/s':>7} {'%peak':>6} {'ovh%':>6} {'pad/ex(lora)':>12} {'pad/ex(layer)':>13}"
     try:
         import triton
@@ -240,6 +261,9 @@ def main() -> None:
         ug = f"{a['ungrouped_us']:12.1f}" if "ungrouped_us" in a else f"{'-':>12}"
         print(f"{a['model']:>22} {a['batch']:>3} {a['context']:>5} {a['splits']:>3} {a['split_us']:9.1f} "
               f"{a['unsplit_us']:10.1f} {ug}")
+    print(f"{'grammar masks: rows':>22} {'Nc':>4} {'kernel us':>10} {'torch us':>9}")
+    for a in masks:
+        print(f"{a['rows']:>22} {a['constrained']:>4} {a['kernel_us']:10.1f} {a['torch_us']:9.1f}")
     env = {"gpu": name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "peak_gbs": peak, "seed": args.seed, "grouped_mm": has_gmm}
@@ -247,7 +271,7 @@ def main() -> None:
               "rank_mean": float(lora.ranks["gate"].float().mean()), "padded_rank": RPAD}
     with open(args.out, "w") as f:
         json.dump({"env": env, "shapes": shapes, "rows": rows, "prefill_attention": attn,
-                   "decode_attention": dec}, f, indent=2)
+                   "decode_attention": dec, "token_bitmask": masks}, f, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -19,7 +19,11 @@ nothing that was not measured:
   output tok/s at batch 64 with the resident adapters (both with adapters; both count
   prefill);
 - train_drlora_vs_lora {time, memory}: DR-LoRA / uniform LoRA training step at OLMoE shapes,
-  median time and peak memory.
+  median time and peak memory;
+- structured_half_vs_none_device0 (the structured-outputs issue's cost target, from the `host`
+  stage, DIR/host_constrained_*_r*.json): the stub-model host step with half of batch 64
+  schema-constrained / with none, no device time, ratio of the rounds' medians; `_inline` is
+  the same with the masks filled in the calling thread (DRLORA_GRAMMAR_THREADS=1).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ TARGETS = {  # (figure, comparison, bound) as the issue states them
     "rank_exact_vs_padded.256": (">=", 1.8), "fused_moe_vs_grouped_mm_min": (">=", 1.0),
     "http_vs_offline_b64": (">=", 0.8), "train_drlora_vs_lora.time": ("<=", 1.1),
     "train_drlora_vs_lora.memory": ("<=", 1.1),
+    "structured_half_vs_none_device0": ("<=", 1.5),  # the structured-outputs issue's
 }
 
 
@@ -108,6 +113,17 @@ def train_figures(train: dict | None) -> dict:
     return out
 
 
+def host_figures(folder: Path) -> dict:
+    def median_step(kind: str) -> float | None:
+        v = sorted(r["host_ms_per_step"] for p in sorted(folder.glob(f"host_constrained_{kind}_r*.json"))
+                   for r in (_load(p) or {}).get("offline", []) if r.get("device_ms") == 0)
+        return v[len(v) // 2] if v else None
+
+    none = median_step("0")
+    return {"structured_half_vs_none_device0": _ratio(median_step("0.5"), none),
+            "structured_half_vs_none_device0_inline": _ratio(median_step("inline"), none)}
+
+
 def figure(figures: dict, name: str):
     """A figure by its dotted name ("decode_tok_s.64"), None when absent."""
     v = figures
@@ -128,7 +144,7 @@ def check(figures: dict) -> dict:
 def summarize(folder: Path) -> dict:
     engine, kernels = _load(folder / "engine.json"), _load(folder / "kernels.json")
     serve, train = _load(folder / "serve.json"), _load(folder / "train_overhead.json")
-    fig = engine_figures(engine) | kernel_figures(kernels) | train_figures(train)
+    fig = engine_figures(engine) | kernel_figures(kernels) | train_figures(train) | host_figures(folder)
     http = ((serve or {}).get("results") or {}).get("output_tok_s")
     clients = ((serve or {}).get("config") or {}).get("concurrency")
     fig["http_vs_offline_b64"] = _ratio(http, fig.pop("offline_b64_adapters_out_tok_s")) if clients == 64 else None

@@ -70,3 +70,19 @@ def test_missing_inputs_are_null(tmp_path):
     assert s["fused_moe_vs_grouped_mm_min"] is None and s["http_vs_offline_b64"] is None
     assert set(s["met"].values()) == {None}
     assert gs.main([str(tmp_path / "nope")]) == 2
+
+
+def test_structured_host_ratio(tmp_path):
+    """The host stage's rounds: medians of the device-0 steps, half constrained / none."""
+    def write(kind, rnd, ms):
+        rows = [{"batch": 64, "device_ms": 0, "host_ms_per_step": ms}, {"batch": 64, "device_ms": 4.6, "host_ms_per_step": 9.0}]
+        (tmp_path / f"host_constrained_{kind}_r{rnd}.json").write_text(json.dumps({"offline": rows}))
+
+    for rnd, (none, half, inline) in enumerate([(0.40, 0.58, 0.62), (0.38, 0.70, 0.60), (0.50, 0.59, 0.61)], 1):
+        write("0", rnd, none)
+        write("0.5", rnd, half)
+        write("inline", rnd, inline)
+    s = gs.summarize(tmp_path)
+    assert s["structured_half_vs_none_device0"] == pytest.approx(0.59 / 0.40)
+    assert s["structured_half_vs_none_device0_inline"] == pytest.approx(0.61 / 0.40)
+    assert s["met"]["structured_half_vs_none_device0"] is True

@@ -16,17 +16,27 @@
 #   serve    HTTP, 64 streaming clients, 16 adapters, OLMoE shapes.
 #   qwen3    the engine and HTTP rows at Qwen3-30B-A3B shapes (4 adapters; 57 GiB of weights).
 #   train    the DR-LoRA vs LoRA training step at OLMoE shapes.
-#   host     the structured-output host cost on this machine's 16 host cores (stub model, CPU).
+#   host     the structured-output host cost on this machine's 16 host cores (stub model, CPU),
+#            and mask filling alone in the calling thread vs llguidance's pool (grammar_fill.py).
 #   summary  benchmarks/gpu_summary.py: the issue's headline figures with their targets, in
 #            $OUT/gpu-h100.json (copy it to benchmarks/results/ and commit it).
 #
-# Results (JSON and logs) go to ${OUT:-bench-gpu}/. Written for the first GPU session; it has
-# not run yet. The device image lacks the server's dependencies (fastapi, uvicorn, pydantic,
+# Results (JSON and logs) go to bench-gpu/. On the device machine (OUT set) they go to a work
+# folder instead, packed after every stage into $OUT/gpu_all_results.tgz: only 8 files come back
+# from $OUT, and a call killed at its time limit still returns the stages it finished. Unpack
+# each call's archive into one folder here (tar xzf ... -C bench-gpu). Written for the first GPU
+# session; it has not run yet. The device image lacks the server's dependencies (fastapi, uvicorn, pydantic,
 # pyzmq, msgspec, httptools, llguidance): `bash scripts/device_wheels.sh` here fetches their
 # wheels into .whl/, to carry and install there first (see that script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-bench-gpu}
+if [ -n "${OUT:-}" ]; then
+  out=$(mktemp -d /tmp/gpu_all.XXXXXX)
+  pack() { tar czf "$OUT/gpu_all_results.tgz" -C "$out" . ; }
+else
+  out=bench-gpu
+  pack() { :; }
+fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 stages=("$@")
@@ -37,7 +47,8 @@ for stage in "${stages[@]}"; do
   case $stage in
   tune)
     python benchmarks/tune.py --shape olmoe qwen3-moe --max-seconds 360 2>&1 | tee "$out/tune.log"
-    cp kernels/configs/*.json "$out/" 2>/dev/null ;;
+    cp kernels/configs/*.json "$out/" 2>/dev/null
+    [ -n "${OUT:-}" ] && cp kernels/configs/*.json "$OUT/" 2>/dev/null ;;  # the table to commit, unpacked
   tests)
     python -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/serve tests/train 2>&1 | tee "$out/cuda_tests.log" ;;
   kernels)
@@ -67,11 +78,15 @@ for stage in "${stages[@]}"; do
         env "${env[@]}" python benchmarks/host_overhead.py --device-ms 0 4.6 --batches 64 --skip-http --big-prompt-mb 0 \
             --constrained-fraction $f --out "$out/host_constrained_${frac}_r${round}.json" 2>&1 | tee -a "$out/host_constrained.log"
       done
-    done ;;
+    done
+    # mask filling alone, the calling thread vs LLExecutor's pool per batch size (PARALLEL_MIN_ROWS)
+    python benchmarks/grammar_fill.py --threads 4 12 --out "$out/grammar_fill_v849.json" 2>&1 | tee "$out/grammar_fill.log"
+    python benchmarks/grammar_fill.py --threads 4 12 --bpe-vocab 50304 --out "$out/grammar_fill_v50k.json" 2>&1 | tee -a "$out/grammar_fill.log" ;;
   summary)
     python benchmarks/gpu_summary.py "$out" --out "$out/gpu-h100.json" 2>&1 | tee "$out/summary.log" ;;
   *)
     echo "gpu_all.sh: unknown stage '$stage' (tune tests kernels engine serve qwen3 train host summary)" >&2
     exit 2 ;;
   esac
+  pack
 done

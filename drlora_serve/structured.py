@@ -47,9 +47,11 @@ log = logging.getLogger(__name__)
 
 JSON_OBJECT_SCHEMA = '{"type":"object"}'
 
-# Handing a batch of masks to LLExecutor's thread pool costs ~15-30 us (measured on the 2-core
-# CI machine), about ten rows' masks (~2-4 us each): smaller batches, or a pool of one thread,
-# fill in the calling thread instead (each mask call drops the GIL there too).
+# Handing a batch of masks to LLExecutor's thread pool has a cost of its own (~25 us for two
+# rows on the 2-core CI machine, where its one-thread pool lost to the calling thread at every
+# batch of 1-32 rows, for vocabularies of 849 and 50k tokens): small batches, or a pool of one
+# thread, fill in the calling thread instead (each mask call drops the GIL there too). Whether
+# 16 rows is the right bound on a many-core host is for the GPU host stage to show.
 PARALLEL_MIN_ROWS = 16
 THREADS_ENV = "DRLORA_GRAMMAR_THREADS"
 

@@ -76,14 +76,14 @@ def fill_times(compiled, V: int, rows: int, mode: str, threads: int, steps: int,
     return 1e6 * statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bpe-vocab", type=int, default=0, help="train a byte-level BPE of this size (0: the tiny model's)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="pool sizes to try")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import llguidance
     import llguidance.hf
@@ -114,7 +114,7 @@ def main() -> None:
     if args.out:
         meta = {"vocab": V, "bpe_trained": bool(args.bpe_vocab), "cpu_count": os.cpu_count(),
                 "python": platform.python_version(), "llguidance": llguidance.__version__,
-                "command": "grammar_fill.py " + " ".join(sys.argv[1:])}
+                "command": "grammar_fill.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         Path(args.out).write_text(json.dumps({"rows": results, "meta": meta}, indent=1))
 
 

@@ -171,21 +171,19 @@ class GrammarEngine:
 
     def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, max_rows: int, pin: bool,
                  cache_size: int = 256):
-        import torch
-
         from drlora_serve.sequence import SeqStatus  # (torch: not at this module's import)
 
         self._finished = SeqStatus.FINISHED
         self.load_tokenizer = load_tokenizer  # the HF tokenizer (loaded in the worker, on first use)
         self.vocab_size = vocab_size
-        self.words = -(-vocab_size // 32)  # W32
+        self.words = -(-vocab_size // 32)  # W32, of the grammar tokenizer's vocabulary once loaded
+        self._max_rows, self._pin = max_rows, pin
         self._llt = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="drlora-grammar")
         self._cache = _LRU(cache_size)  # grammar text -> Future[compiled LLMatcher]
         self.threads = mask_threads()
         self._executor = None  # LLExecutor, made on first use when threads > 1
-        # two host mask buffers, used alternately: one may still be copied to the device
-        self._masks = [torch.full((max_rows, self.words), -1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._masks = None  # two host mask buffers, made with the grammar tokenizer
         self._turn = 0
 
     # ------------------------------------------------------------------ compile
@@ -209,9 +207,19 @@ class GrammarEngine:
         if self._llt is None:
             import llguidance.hf
 
+            import torch
+
             tok = self.load_tokenizer()
             n = max(self.vocab_size, len(tok))
-            self._llt = llguidance.hf.from_tokenizer(tok, n_vocab=n)
+            llt = llguidance.hf.from_tokenizer(tok, n_vocab=n)
+            # llguidance fills masks of exactly its tokenizer's vocabulary, which can exceed the
+            # model's (added tokens the embeddings lack): the words past the logits are ignored.
+            # Made before any matcher exists, so before any fill. Two buffers, used alternately:
+            # one may still be copied to the device.
+            self.words = -(-n // 32)
+            self._masks = [torch.full((self._max_rows, self.words), -1, dtype=torch.int32, pin_memory=self._pin)
+                           for _ in range(2)]
+            self._llt = llt
         m = llg.LLMatcher(self._llt, text, log_level=0)
         if m.is_error():
             raise InvalidRequestError(f"invalid {kind.replace('_', ' ')} constraint: {_short(m.get_error())}")

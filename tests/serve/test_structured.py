@@ -227,3 +227,20 @@ def test_masks_filled_in_threads_equal_in_line(tiny_dir, tokenizer, adapters_dir
         assert eng.core.grammars.threads == threads
         assert (eng.core.grammars._executor is not None) == (threads > 1)
     assert results[1] == results[2]
+
+
+def test_tokenizer_larger_than_the_model_vocab(tiny_dir, tokenizer):
+    """A tokenizer with more tokens than the model's vocabulary (added tokens the embeddings do
+    not cover): llguidance's masks then have more words than the logits need, and the engine
+    sizes its mask buffers by them (tokens past the logits are never sampled)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens([f"<extra_{i}>" for i in range(100)])
+    assert len(tok) > tokenizer.vocab_size + 64
+    eng = make_engine(tiny_dir, tok)
+    eng.add_request("big-vocab", tokenizer.encode(PROMPTS[0]),
+                    SamplingParams(max_tokens=150, temperature=0, structured_outputs=so(json=SCHEMA)))
+    o = run_all(eng)["big-vocab"].outputs[0]
+    assert o.finish_reason == "stop", o.text
+    jsonschema.validate(json.loads(o.text), SCHEMA)

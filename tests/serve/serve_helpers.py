@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from drlora.adapter_format import AdapterConfig, key, write_adapter
@@ -173,3 +176,12 @@ def assert_triton_matches_twins(out: dict, num_requests: int) -> None:
         assert tri[rid]["ids"] == twin[rid]["ids"], rid
         for a, b in zip(tri[rid]["lp"], twin[rid]["lp"]):
             assert abs(a - b) < 1e-3, (rid, a, b)
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,16 +4,13 @@ padded adapters it builds."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_engine", Path(__file__).resolve().parents[2] / "benchmarks" / "engine.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from serve_helpers import load_benchmark
+
+bench = load_benchmark("engine")
 
 
 def test_smoke_run(tmp_path, capsys):

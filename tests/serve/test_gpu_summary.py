@@ -4,7 +4,6 @@ HTTP and training files hold the fields their scripts write, with chosen numbers
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from serve_helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "benchmarks" / "gpu_summary.py")
-gs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gs)
+gs = load_benchmark("gpu_summary")
 
 
 def engine_rows(decode: dict[int, float], out: dict[int, float]) -> list[dict]:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location(
-    "grammar_fill", Path(__file__).resolve().parents[2] / "benchmarks" / "grammar_fill.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from serve_helpers import load_benchmark
+
+bench = load_benchmark("grammar_fill")
 
 
 def test_smoke_run(tmp_path, capsys):

@@ -176,14 +176,13 @@ class GrammarEngine:
         self._finished = SeqStatus.FINISHED
         self.load_tokenizer = load_tokenizer  # the HF tokenizer (loaded in the worker, on first use)
         self.vocab_size = vocab_size
-        self.words = -(-vocab_size // 32)  # W32, of the grammar tokenizer's vocabulary once loaded
         self._max_rows, self._pin = max_rows, pin
         self._llt = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="drlora-grammar")
         self._cache = _LRU(cache_size)  # grammar text -> Future[compiled LLMatcher]
         self.threads = mask_threads()
         self._executor = None  # LLExecutor, made on first use when threads > 1
-        self._masks = None  # two host mask buffers, made with the grammar tokenizer
+        self._masks = None  # two (max_rows, W32) host mask buffers, made with the grammar tokenizer
         self._turn = 0
 
     # ------------------------------------------------------------------ compile
@@ -206,7 +205,6 @@ class GrammarEngine:
         llg = _llg()
         if self._llt is None:
             import llguidance.hf
-
             import torch
 
             tok = self.load_tokenizer()
@@ -216,8 +214,7 @@ class GrammarEngine:
             # model's (added tokens the embeddings lack): the words past the logits are ignored.
             # Made before any matcher exists, so before any fill. Two buffers, used alternately:
             # one may still be copied to the device.
-            self.words = -(-n // 32)
-            self._masks = [torch.full((self._max_rows, self.words), -1, dtype=torch.int32, pin_memory=self._pin)
+            self._masks = [torch.full((self._max_rows, -(-n // 32)), -1, dtype=torch.int32, pin_memory=self._pin)
                            for _ in range(2)]
             self._llt = llt
         m = llg.LLMatcher(self._llt, text, log_level=0)
@@ -253,7 +250,7 @@ class GrammarEngine:
         self._turn ^= 1
         n = len(constrained)
         mask = self._masks[self._turn][:n]
-        ptr, row_bytes = mask.data_ptr(), self.words * 4
+        ptr, row_bytes = mask.data_ptr(), mask.shape[1] * 4
         parallel = self.threads > 1 and n >= PARALLEL_MIN_ROWS
         jobs, finished = [], self._finished
         for j, (_, s) in enumerate(constrained):

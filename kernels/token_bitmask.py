@@ -7,9 +7,10 @@ Semantics (llguidance's / xgrammar's bitmask layout, int32 words, little-endian)
         logits[rows[i], t] = -inf   unless t < 32 * W32 and bit t % 32 of bitmask[i, t // 32] is set
     rows are distinct; the other rows, and the allowed entries, are left as they are.
 One Triton launch on CUDA (kernels/_tl/token_bitmask.py). The CPU twin works on NumPy views of
-the same memory: at sampling sizes NumPy's byte-table `take` and one add cost a fraction of
-torch's CPU index ops (~15 vs ~60 us for 32 rows of 849 on the 2-core CI machine), and this runs
-on the engine's host path when the model runs on the CPU (the host benchmarks' stub model).
+the same memory: at sampling sizes NumPy's byte-table `take` and one add cost about half of
+torch's CPU index ops (~40 vs ~70-80 us for 32 of 64 rows of 849, in a loop on the 2-core CI
+machine), and this runs on the engine's host path when the model runs on the CPU (the host
+benchmarks' stub model).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@
 #   qwen3    the engine and HTTP rows at Qwen3-30B-A3B shapes (4 adapters; 57 GiB of weights).
 #   train    the DR-LoRA vs LoRA training step at OLMoE shapes.
 #   host     the structured-output host cost on this machine's 16 host cores (stub model, CPU),
-#            and mask filling alone in the calling thread vs llguidance's pool (grammar_fill.py).
+#            and mask filling and matcher advancing alone, in the calling thread vs llguidance's pool (grammar_fill.py).
 #   summary  benchmarks/gpu_summary.py: the headline figures with their targets, in
 #            $OUT/gpu-h100.json (copy it to benchmarks/results/ and commit it).
 #

@@ -1,5 +1,6 @@
-"""Grammar mask filling: the calling thread (row by row) vs llguidance's LLExecutor pool, per
-batch size. This is what `drlora_serve/structured.py`'s PARALLEL_MIN_ROWS rests on.
+"""Grammar mask filling and matcher advancing: the calling thread (row by row) vs llguidance's
+LLExecutor pool, per batch size. This is what `drlora_serve/structured.py`'s PARALLEL_MIN_ROWS
+rests on.
 
     python benchmarks/grammar_fill.py                          # the tiny model's tokenizer (849 tokens)
     python benchmarks/grammar_fill.py --bpe-vocab 50304        # a byte-level BPE of that size
@@ -9,8 +10,9 @@ No real tokenizer of a real model's size can be downloaded here, so `--bpe-vocab
 byte-level BPE with N tokens (the `tokenizers` library) on the Python sources of the installed
 packages, in about half a minute. Every row is constrained to host_overhead.py's default
 schema, a record with free-text fields. Each step fills every row's mask, then advances each
-matcher with the argmax of random logits under its mask, so the states move the way they do
-in decoding. Prints microseconds per step, medians over the steps.
+matcher with the argmax of random logits under its mask (`consume_token` row by row, or the
+pool's `consume_token_par`), so the states move the way they do in decoding. Prints
+microseconds per step for each, medians over the steps.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def bpe_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
 
 
-def fill_times(compiled, V: int, rows: int, mode: str, threads: int, steps: int, seed: int) -> float:
+def step_times(compiled, V: int, rows: int, mode: str, threads: int, steps: int, seed: int) -> tuple[float, float]:
+    """Median us per step to fill every row's mask, and to advance every matcher by a token."""
     import llguidance
     import torch
 
@@ -59,7 +62,7 @@ def fill_times(compiled, V: int, rows: int, mode: str, threads: int, steps: int,
     ex = llguidance.LLExecutor(threads) if mode == "pool" else None
     matchers = [compiled.deep_copy() for _ in range(rows)]
     rng = np.random.default_rng(seed)
-    times = []
+    fills, advances = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         if ex is None:
@@ -67,13 +70,25 @@ def fill_times(compiled, V: int, rows: int, mode: str, threads: int, steps: int,
                 m.unsafe_compute_mask_ptr(ptr + j * W * 4, W * 4)
         else:
             ex.unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], ptr, W * 4, rows)
-        times.append(time.perf_counter() - t0)
+        fills.append(time.perf_counter() - t0)
         bits = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :V]
         picks = np.where(bits, rng.standard_normal((rows, V)), -np.inf).argmax(1).tolist()
+        going = []
         for m, t in zip(matchers, picks):
-            if m.is_stopped() or not m.consume_token(t):
+            if m.is_stopped():
                 m.reset()  # (a finished record: start another)
-    return 1e6 * statistics.median(times)
+            else:
+                going.append((m, t))
+        t0 = time.perf_counter()
+        if ex is None:
+            ok = [m.consume_token(t) for m, t in going]
+        else:
+            ok = ex.consume_token_par(going)
+        advances.append((time.perf_counter() - t0) * rows / max(len(going), 1))  # (per step of every row)
+        for (m, _), good in zip(going, ok):
+            if not good:
+                m.reset()
+    return 1e6 * statistics.median(fills), 1e6 * statistics.median(advances)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,14 +118,19 @@ def main(argv: list[str] | None = None) -> None:
                                                             defaults={"whitespace_flexible": True})
     compiled = llguidance.LLMatcher(llguidance.hf.from_tokenizer(tok, n_vocab=V), grammar, log_level=0)
     results = []
-    print(f"vocab {V}, {os.cpu_count()} cores; median us per step to fill every row's mask")
-    print(f"{'rows':>5} {'in line':>9} " + " ".join(f"{f'pool({t})':>9}" for t in args.threads))
+    print(f"vocab {V}, {os.cpu_count()} cores; median us per step to fill every row's mask | to advance "
+          "every matcher by a token")
+    modes = [("inline", "in line", 1)] + [(f"pool{t}", f"pool({t})", t) for t in args.threads]
+    print(f"{'rows':>5} " + " ".join(f"{label:>9}" for _, label, _ in modes) + " | "
+          + " ".join(f"{label:>9}" for _, label, _ in modes))
     for n in args.rows:
-        row = {"rows": n, "inline_us": fill_times(compiled, V, n, "inline", 1, args.steps, n)}
-        for t in args.threads:
-            row[f"pool{t}_us"] = fill_times(compiled, V, n, "pool", t, args.steps, n)
+        row = {"rows": n}
+        for key, _, t in modes:
+            row[f"{key}_us"], row[f"{key}_advance_us"] = step_times(compiled, V, n, "inline" if key == "inline" else "pool",
+                                                                    t, args.steps, n)
         results.append(row)
-        print(f"{n:>5} {row['inline_us']:9.1f} " + " ".join(f"{row[f'pool{t}_us']:9.1f}" for t in args.threads))
+        print(f"{n:>5} " + " ".join(f"{row[f'{k}_us']:9.1f}" for k, _, _ in modes) + " | "
+              + " ".join(f"{row[f'{k}_advance_us']:9.1f}" for k, _, _ in modes))
     if args.out:
         meta = {"vocab": V, "bpe_trained": bool(args.bpe_vocab), "cpu_count": os.cpu_count(),
                 "python": platform.python_version(), "llguidance": llguidance.__version__,

@@ -16,5 +16,6 @@ def test_smoke_run(tmp_path, capsys):
     assert [r["rows"] for r in res["rows"]] == [1, 3]
     for r in res["rows"]:
         assert r["inline_us"] > 0 and r["pool1_us"] > 0 and r["pool2_us"] > 0
+        assert r["inline_advance_us"] > 0 and r["pool1_advance_us"] > 0 and r["pool2_advance_us"] > 0
     assert res["meta"]["vocab"] == 849 and not res["meta"]["bpe_trained"]
     assert "pool(2)" in capsys.readouterr().out

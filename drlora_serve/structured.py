@@ -25,9 +25,9 @@ Where the work happens:
   computed for a sequence that had already ended; the masks of step N+1 are filled once step
   N's tokens are in, while N+1's forward runs (core.py, "grammar masks"): in LLExecutor's
   threads for batches of PARALLEL_MIN_ROWS rows or more when the host has cores to spare, in
-  the calling thread otherwise. They are applied on the device by one kernel
-  (kernels/token_bitmask.py); on the CPU, greedy batches mask only the rows whose argmax the
-  grammar forbids (sampler.greedy_masked_cpu).
+  the calling thread otherwise (the matchers' advances likewise). They are applied on the
+  device by one kernel (kernels/token_bitmask.py); on the CPU, greedy batches mask only the
+  rows whose argmax the grammar forbids (sampler.greedy_masked_cpu).
 
 Legend: Nc constrained rows, W32 = ceil(V / 32) 32-bit words per mask, V vocab.
 """
@@ -47,11 +47,12 @@ log = logging.getLogger(__name__)
 
 JSON_OBJECT_SCHEMA = '{"type":"object"}'
 
-# Handing a batch of masks to LLExecutor's thread pool has a cost of its own (~25 us for two
-# rows on the 2-core CI machine, where its one-thread pool lost to the calling thread at every
-# batch of 1-32 rows, for vocabularies of 849 and 50k tokens): small batches, or a pool of one
-# thread, fill in the calling thread instead (each mask call drops the GIL there too). Whether
-# 16 rows is the right bound on a many-core host is for the GPU host stage to show.
+# Handing a batch of masks (or of matcher advances) to LLExecutor's thread pool has a cost of
+# its own (~15-25 us for two rows on the 2-core CI machine, where its one-thread pool lost to
+# the calling thread at every batch of 1-64 rows, for vocabularies of 849 and 50k tokens):
+# small batches, or a pool of one thread, work in the calling thread instead (each mask call
+# drops the GIL there too). Whether 16 rows is the right bound on a many-core host is for the
+# GPU host stage to show (benchmarks/grammar_fill.py).
 PARALLEL_MIN_ROWS = 16
 THREADS_ENV = "DRLORA_GRAMMAR_THREADS"
 
@@ -234,13 +235,26 @@ class GrammarEngine:
     def advance(self, constrained: list[tuple[int, object]], tokens: list[int]) -> list[object]:
         """Advance the matchers of the step's constrained rows [(row, sequence)] that are still
         running with their rows' tokens; the sequences whose grammar refused its token (the
-        matcher is then in its error state). One call per row, in this thread: ~1 us each,
-        less than a hand-off to threads."""
-        refused, finished = [], self._finished
+        matcher is then in its error state). In LLExecutor's threads under the same rule as the
+        masks (an advance costs about what a mask does on a 50k-token vocabulary, ~8 us; ~1 us
+        on the tiny model's), row by row in this thread otherwise."""
+        finished = self._finished
+        if self.threads > 1 and len(constrained) >= PARALLEL_MIN_ROWS:
+            going = [(s, tokens[i]) for i, s in constrained if s.status is not finished]
+            if not going:
+                return []
+            ok = self._pool_executor().consume_token_par([(s.grammar, t) for s, t in going])  # (not for none)
+            return [s for (s, _), good in zip(going, ok) if not good]
+        refused = []
         for i, s in constrained:
             if s.status is not finished and not s.grammar.consume_token(tokens[i]):
                 refused.append(s)
         return refused
+
+    def _pool_executor(self):
+        if self._executor is None:
+            self._executor = _llg().LLExecutor(self.threads)
+        return self._executor
 
     def fill(self, constrained: list[tuple[int, object]], want_ended: bool = False) -> tuple[object, set[int]]:
         """Masks for the constrained rows [(row, sequence)] of a step, from their matchers'
@@ -261,8 +275,6 @@ class GrammarEngine:
             else:
                 s.grammar.unsafe_compute_mask_ptr(ptr + j * row_bytes, row_bytes)
         if jobs:  # every matcher's mask, in the executor's threads, without the GIL
-            if self._executor is None:
-                self._executor = _llg().LLExecutor(self.threads)
-            self._executor.unsafe_compute_mask_ptr(jobs, ptr, row_bytes, n)
+            self._pool_executor().unsafe_compute_mask_ptr(jobs, ptr, row_bytes, n)
         ended = {i for i, s in constrained if not s.is_finished and s.grammar.is_stopped()} if want_ended else set()
         return mask, ended

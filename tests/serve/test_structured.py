@@ -212,7 +212,8 @@ def test_async_scheduling_changes_no_constrained_output(tiny_dir, tokenizer, ada
 
 def test_masks_filled_in_threads_equal_in_line(tiny_dir, tokenizer, adapters_dir, monkeypatch):
     """LLExecutor's threads (hosts with cores to spare) and the calling thread (small batches or
-    one thread, as on the 2-core CI machine) fill the same masks: the same outputs."""
+    one thread, as on the 2-core CI machine) fill the same masks and advance the matchers alike:
+    the same outputs."""
     import drlora_serve.structured as st
 
     monkeypatch.setattr(st, "PARALLEL_MIN_ROWS", 1)
@@ -244,3 +245,30 @@ def test_tokenizer_larger_than_the_model_vocab(tiny_dir, tokenizer):
     o = run_all(eng)["big-vocab"].outputs[0]
     assert o.finish_reason == "stop", o.text
     jsonschema.validate(json.loads(o.text), SCHEMA)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_no_allowed_token_left_aborts_that_sequence_only(tiny_dir, tokenizer, threads, monkeypatch):
+    """allowed_token_ids that exclude every token the grammar allows: the sampled token is
+    refused by the grammar and that sequence ends with "abort", without its token; the other
+    constrained rows of the batch go on (matchers advanced in the calling thread and in
+    LLExecutor's threads)."""
+    import drlora_serve.structured as st
+
+    monkeypatch.setattr(st, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setenv(st.THREADS_ENV, str(threads))
+    eng = make_engine(tiny_dir, tokenizer)
+    outside = tokenizer.encode("zzz", add_special_tokens=False)[0]  # not a prefix of "yes" or "no"
+    assert not any(tokenizer.decode([outside]).startswith(c[:1]) for c in ("y", "n", "yes", "no"))
+    g = SamplingParams(max_tokens=20, temperature=0)
+    prompt = tokenizer.encode(PROMPTS[0])
+    eng.add_request("starved", prompt, dataclasses.replace(
+        g, structured_outputs=so(choice=["yes", "no"]), allowed_token_ids=[outside]))
+    eng.add_request("fed", prompt, dataclasses.replace(g, structured_outputs=so(json=SCHEMA), max_tokens=150))
+    outs = run_all(eng)
+    starved = outs["starved"].outputs[0]
+    assert starved.finish_reason == "abort" and starved.token_ids == []
+    fed = outs["fed"].outputs[0]
+    assert fed.finish_reason == "stop"
+    jsonschema.validate(json.loads(fed.text), SCHEMA)
+    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks

@@ -58,8 +58,8 @@ THREADS_ENV = "DRLORA_GRAMMAR_THREADS"
 
 
 def mask_threads() -> int:
-    """Threads for the batch's masks: DRLORA_GRAMMAR_THREADS, else llguidance's own default
-    (80% of the cores this process may run on, at most 32)."""
+    """Threads for the batch's masks and advances: DRLORA_GRAMMAR_THREADS, else llguidance's own
+    default (80% of the cores this process may run on, at most 32)."""
     env = os.environ.get(THREADS_ENV)
     if env:
         return max(1, int(env))
@@ -239,7 +239,7 @@ class GrammarEngine:
         masks (an advance costs about what a mask does on a 50k-token vocabulary, ~8 us; ~1 us
         on the tiny model's), row by row in this thread otherwise."""
         finished = self._finished
-        if self.threads > 1 and len(constrained) >= PARALLEL_MIN_ROWS:
+        if self._in_pool(len(constrained)):
             going = [(s, tokens[i]) for i, s in constrained if s.status is not finished]
             if not going:
                 return []
@@ -250,6 +250,11 @@ class GrammarEngine:
             if s.status is not finished and not s.grammar.consume_token(tokens[i]):
                 refused.append(s)
         return refused
+
+    def _in_pool(self, rows: int) -> bool:
+        """Whether a step's masks or advances for `rows` constrained rows go to LLExecutor's
+        threads (the one rule for both; PARALLEL_MIN_ROWS says why)."""
+        return self.threads > 1 and rows >= PARALLEL_MIN_ROWS
 
     def _pool_executor(self):
         if self._executor is None:
@@ -265,7 +270,7 @@ class GrammarEngine:
         n = len(constrained)
         mask = self._masks[self._turn][:n]
         ptr, row_bytes = mask.data_ptr(), mask.shape[1] * 4
-        parallel = self.threads > 1 and n >= PARALLEL_MIN_ROWS
+        parallel = self._in_pool(n)
         jobs, finished = [], self._finished
         for j, (_, s) in enumerate(constrained):
             if s.status is finished:  # anything goes: its token is dropped

@@ -79,12 +79,14 @@ def step_times(compiled, V: int, rows: int, mode: str, threads: int, steps: int,
                 m.reset()  # (a finished record: start another)
             else:
                 going.append((m, t))
+        if not going:  # (every record just ended; consume_token_par refuses an empty batch)
+            continue
         t0 = time.perf_counter()
         if ex is None:
             ok = [m.consume_token(t) for m, t in going]
         else:
             ok = ex.consume_token_par(going)
-        advances.append((time.perf_counter() - t0) * rows / max(len(going), 1))  # (per step of every row)
+        advances.append((time.perf_counter() - t0) * rows / len(going))  # (per step of every row)
         for (m, _), good in zip(going, ok):
             if not good:
                 m.reset()

@@ -156,24 +156,17 @@ class Sampler:
 
 def greedy_masked_cpu(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """(N,) int64 greedy tokens under the constrained rows' grammar masks, on the CPU, without
-    copying or masking the whole (N, V) logits: a row's unmasked argmax stands when its mask
-    allows it (the mask only lowers other tokens to -inf, and np.argmax keeps the first of
-    equal maxima either way); only the rows whose argmax is forbidden are masked and searched
-    again (llama.cpp's grammar sampling does the same). The check is a plain loop over Nc
-    Python ints: cheaper than the NumPy calls it would take at these sizes."""
+    copying or masking the whole (N, V) logits: every row's argmax, then the constrained rows'
+    again on a masked copy of those rows alone.
+
+    Measured inside benchmarks/host_overhead.py (32 of 64 rows constrained, 849 tokens), this
+    beats checking each row's unmasked argmax against its mask first and masking only the rows
+    it refuses (llama.cpp's way): ~57-59 vs ~80-82 us a step, as the check's per-row Python and
+    the gathers of a row subset cost more than masking every constrained row (RESULTS.md)."""
     a = logits.numpy()
     tokens = np.argmax(a, axis=-1)
-    row_bytes = 4 * bitmask.shape[1]
-    mask = bitmask.numpy().tobytes()  # (Nc * 4 W32 bytes: a few KB)
-    picked, r = tokens.tolist(), rows.numpy()
-    bad = []
-    for j, i in enumerate(r.tolist()):
-        t = picked[i]
-        if t >= 8 * row_bytes or not (mask[j * row_bytes + (t >> 3)] >> (t & 7)) & 1:
-            bad.append(j)
-    if bad:
-        rb = r[bad]
-        sub = a[rb]  # (a copy)
-        mask_rows_np(sub, bitmask.numpy()[bad])
-        tokens[rb] = np.argmax(sub, axis=-1)
-    return torch.from_numpy(tokens.astype(np.int64))
+    r = rows.numpy()
+    sub = a.take(r, axis=0)  # (Nc, V) copy; `take` costs less than fancy indexing at these sizes
+    mask_rows_np(sub, bitmask.numpy())
+    tokens[r] = sub.argmax(axis=-1)
+    return torch.from_numpy(tokens.astype(np.int64, copy=False))

@@ -26,8 +26,8 @@ Where the work happens:
   N's tokens are in, while N+1's forward runs (core.py, "grammar masks"): in LLExecutor's
   threads for batches of PARALLEL_MIN_ROWS rows or more when the host has cores to spare, in
   the calling thread otherwise (the matchers' advances likewise). They are applied on the
-  device by one kernel (kernels/token_bitmask.py); on the CPU, greedy batches mask only the
-  rows whose argmax the grammar forbids (sampler.greedy_masked_cpu).
+  device by one kernel (kernels/token_bitmask.py); on the CPU, greedy batches mask a copy of
+  the constrained rows alone (sampler.greedy_masked_cpu).
 
 Legend: Nc constrained rows, W32 = ceil(V / 32) 32-bit words per mask, V vocab.
 """

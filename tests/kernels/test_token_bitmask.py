@@ -65,8 +65,8 @@ def test_no_rows_and_errors():
 @pytest.mark.parametrize("density", [0.02, 0.5, 0.97])
 @pytest.mark.parametrize("N,V,W", [(16, 849, 27), (8, 100, 3), (8, 70, 4)])
 def test_greedy_cpu_path_equals_masking_everything(N, V, W, density):
-    """The sampler's greedy CPU path (keep an allowed argmax, mask only the other rows) picks
-    what argmax over fully masked logits picks, ties included."""
+    """The sampler's greedy CPU path (every row's argmax, then the constrained rows' again on a
+    masked copy of them) picks what argmax over fully masked logits picks, ties included."""
     from drlora_serve.sampler import greedy_masked_cpu
 
     for _ in range(20):

@@ -266,4 +266,3 @@ def decode_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.devi
     if programs >= target:
         return 1
     return max(1, min(DECODE_MAX_SPLITS, -(-target // programs), max_blocks // DECODE_MIN_SPLIT_BLOCKS))
-

@@ -157,7 +157,6 @@ def run_twins_and_triton(model_dir, adapters_dir, prompts: list[tuple[str, str |
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     here = Path(__file__).resolve().parent

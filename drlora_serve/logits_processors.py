@@ -244,7 +244,7 @@ def min_tokens_pairs(c: LogitsControls, skip: set[int] | None = None) -> tuple[l
         if s.num_output_tokens - 1 < s.request.params.min_tokens:  # before this step's token
             keep.append((i, s))
             if skip is None or i not in skip:
-                rows.extend([i] * len(s.stop_ids))
-                ids.extend(s.stop_ids)
+                rows.extend([i] * len(s.min_tokens_ids))
+                ids.extend(s.min_tokens_ids)
     c.min_tokens[:] = keep
     return (rows, ids) if rows else None

@@ -3,8 +3,9 @@
 Per sequence: the tokens so far, incremental detokenization, stop strings (the stop string
 and what follows are removed, vLLM's convention; the core is then told to finish the
 sequence), logprobs. Stop token ids and eos finish in the core; they are kept in token_ids
-and add no text. While a sequence runs, text that could still be the start of a stop string
-(`len(longest stop) - 1` characters) is held back, so streamed text never has to be taken back.
+and add no text (their own text with include_stop_str_in_output, as vLLM). While a sequence
+runs, text that could still be the start of a stop string (`len(longest stop) - 1`
+characters) is held back, so streamed text never has to be taken back.
 
 Text is only made incrementally when someone looks at it before the end (streaming, or
 cumulative snapshots) or when stop strings must be found; otherwise the finished tokens are
@@ -169,13 +170,17 @@ class OutputProcessor:
             if st.logprobs is not None and lps is not None and lps[i] is not None:
                 lp, ids, vals = lps[i]
                 st.logprobs.append(TokenLogprob(tok, lp, dict(zip(ids, vals))))
-            if st.detok is not None and tok not in req.stop_ids:
-                text = st.detok.step(tok)
-                st.n_detok += 1
-                # stop strings count only in text after min_tokens tokens (vLLM)
-                if text and self._add_text(req, st, text, len(st.token_ids) > req.params.min_tokens):
-                    self._finish(req, st, "stop")
-                    stopped.append(key)
+            if st.detok is not None:
+                if tok not in req.stop_ids:
+                    text = st.detok.step(tok)
+                    st.n_detok += 1
+                    # stop strings count only in text after min_tokens tokens (vLLM)
+                    if text and self._add_text(req, st, text, len(st.token_ids) > req.params.min_tokens):
+                        self._finish(req, st, "stop")
+                        stopped.append(key)
+                elif req.params.include_stop_str_in_output:  # the stop token's own text (vLLM)
+                    st.n_detok += 1
+                    st.pending += st.detok.step(tok)
             touched[req.key] = req
         now = time.monotonic()
         ttfts, itls = self.ttfts, self.itls = [], []
@@ -225,8 +230,8 @@ class OutputProcessor:
         st.finish_reason = reason
         if reason != "stop" or st.pending or not req.params.stop:  # not cut at a stop string
             ids = st.token_ids
-            if ids and ids[-1] in req.stop_ids and reason == "stop":
-                ids = ids[:-1]  # the stop token adds no text
+            if ids and ids[-1] in req.stop_ids and reason == "stop" and not req.params.include_stop_str_in_output:
+                ids = ids[:-1]  # the stop token adds no text (unless asked, as vLLM)
             if st.detok is None:
                 st.parts = [decode_all(self.tokenizer, ids, req.params.skip_special_tokens)]
             else:

@@ -28,7 +28,7 @@ class SeqStatus(enum.Enum):
 class Sequence:
     __slots__ = ("request", "index", "key", "token_ids", "num_prompt_tokens", "num_tokens", "num_computed_tokens",
                  "status", "block_table", "num_hashed_blocks", "finish_reason", "generator", "max_tokens_total",
-                 "stop_ids", "sample_row", "row", "num_scored_prompt", "grammar")
+                 "stop_ids", "min_tokens_ids", "sample_row", "row", "num_scored_prompt", "grammar")
 
     def __init__(self, request: Request, index: int, max_model_len: int, eos_token_id: int | None):
         p = request.params
@@ -49,6 +49,8 @@ class Sequence:
         if eos_token_id is not None and not p.ignore_eos:
             stop.add(eos_token_id)
         self.stop_ids = frozenset(stop)
+        # what min_tokens forbids: the stop ids and eos, even with ignore_eos (vLLM)
+        self.min_tokens_ids = self.stop_ids if eos_token_id is None or eos_token_id in stop else stop | {eos_token_id}
         self.sample_row = -1  # this sequence's row in the last launched step's samples
         self.row = -1  # model runner's persistent row (block table mirror), -1: none
         self.num_scored_prompt = 1  # prompt positions whose logprobs were sent (the first has none)

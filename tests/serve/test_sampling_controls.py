@@ -89,7 +89,7 @@ def reference_scores(raw: torch.Tensor, prompt: list[int], prev: list[int], p: S
 def check_greedy(outs, rec, keys, reqs, eos):
     for rid, (prompt, p, _) in reqs.items():
         out = outs[rid].outputs[0].token_ids
-        stop_ids = sorted(set(p.stop_token_ids) | ({eos} if not p.ignore_eos else set()))
+        stop_ids = sorted(set(p.stop_token_ids) | {eos})  # what min_tokens forbids: eos even with ignore_eos (vLLM)
         for t, tok in enumerate(out):
             raw = rec[(keys[rid], len(prompt) + t)]
             ref = reference_scores(raw, prompt, out[:t], p, stop_ids)
@@ -118,6 +118,7 @@ def test_greedy_controls_match_transformers(engine, tokenizer):
         "bad_adapter": (prompts[1], g(bad_words_token_ids=[plain["plain1"][1:4]]), None),
         "min_tokens": (prompts[2], g(min_tokens=6, ignore_eos=False, stop_token_ids=[18], logit_bias={eos: 9.0, 18: 8.0}),
                        "c"),
+        "min_tokens_ignore_eos": (prompts[1], g(min_tokens=5, logit_bias={eos: 9.0}), None),
         "allowed": (prompts[3], g(allowed_token_ids=[5, 17, 18, 225, 300]), None),
         "all": (prompts[0], g(repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2, logit_bias={33: 1.5},
                               bad_words_token_ids=[base[2:4]], min_tokens=3, ignore_eos=False,
@@ -133,6 +134,7 @@ def test_greedy_controls_match_transformers(engine, tokenizer):
     mt = got["min_tokens"]
     assert len(mt) == 7 and mt[-1] in (eos, 18) and not set(mt[:6]) & {eos, 18}  # stops right after min_tokens
     assert set(got["allowed"]) <= {5, 17, 18, 225, 300}
+    assert eos not in got["min_tokens_ignore_eos"][:5] and eos in got["min_tokens_ignore_eos"][5:]
     assert outs["min_tokens"].outputs[0].finish_reason == "stop"
 
 
@@ -225,9 +227,10 @@ def test_prompt_logprob_ranks(engine, tokenizer):
 
 def test_min_tokens_defers_stop_strings_and_include_stop_str(engine, tokenizer):
     toks = tokenizer.encode(PROMPTS[0])
-    engine.add_request("ms0", toks, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
-    base = run_all(engine)["ms0"].outputs[0]
     k = 4
+    # (min_tokens also keeps eos out of the first k tokens under ignore_eos: the base has it too)
+    engine.add_request("ms0", toks, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, min_tokens=k))
+    base = run_all(engine)["ms0"].outputs[0]
     head = len(tokenizer.decode(base.token_ids[:k]))
     stop = next(c for c in base.text[:head] if not c.isspace() and c in base.text[head:])
     assert stop in base.text[:head] and stop in base.text[head:]  # a hit before min_tokens and one after
@@ -238,3 +241,27 @@ def test_min_tokens_defers_stop_strings_and_include_stop_str(engine, tokenizer):
         out = run_all(engine)["ms1"].outputs[0]
         cut = base.text.index(stop, head)
         assert out.text == base.text[:cut + (len(stop) if include else 0)] and out.finish_reason == "stop"
+
+
+def test_include_stop_str_in_output_keeps_a_stop_tokens_text(engine, tokenizer):
+    """vLLM: a stop token id adds its own text when include_stop_str_in_output is set (none
+    otherwise), streamed (delta) and final alike."""
+    toks = tokenizer.encode(PROMPTS[0])
+    engine.add_request("st0", toks, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    base = run_all(engine)["st0"].outputs[0]
+    stop_id = base.token_ids[3]
+    first = base.token_ids.index(stop_id)
+    for include in (False, True):
+        for kind in ("final", "delta"):
+            sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_id],
+                                include_stop_str_in_output=include, output_kind=kind)
+            engine.add_request("st1", toks, sp)
+            pieces, final = [], None
+            while engine.has_unfinished():
+                for out in engine.step():
+                    pieces.extend(o.text for o in out.outputs)
+                    final = out if out.finished else final
+            o = final.outputs[0]
+            text = "".join(pieces) if kind == "delta" else o.text
+            want = tokenizer.decode(base.token_ids[:first + (1 if include else 0)], skip_special_tokens=True)
+            assert o.finish_reason == "stop" and text == want, (include, kind, text, want)

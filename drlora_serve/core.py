@@ -233,12 +233,17 @@ class EngineCore:
         """Advance the matchers of the step's constrained sequences that are still running with
         their tokens; the sequences whose token a grammar refused (only possible when no
         allowed token was left to sample: allowed_token_ids or bad_words excluding all the
-        grammar allows)."""
+        grammar allows, or a grammar that failed). Their requests fail (HTTP 400)."""
         refused = self.grammars.advance(step.sampling.constrained, tokens)
         for seq in refused:
-            log.warning("request %s: a token was refused by its grammar; the sequence is aborted",
-                        seq.request.request_id)
+            self._fail_grammar(seq)
         return refused
+
+    def _fail_grammar(self, seq: Sequence) -> None:
+        if not seq.is_finished:  # (a sibling's refusal may have failed the request already)
+            exc = GrammarEngine.failure(seq)
+            log.warning("request %s failed: %s", seq.request.request_id, exc)
+            self.fail_request(seq.request, exc)
 
     def _process(self, step: LaunchedStep, out: StepOutputs) -> None:
         """Read a launched step's results and apply them: append tokens, finish sequences,
@@ -248,8 +253,7 @@ class EngineCore:
         finished = SeqStatus.FINISHED
         drop = any(s.status is finished for s in seqs)  # ended while this step ran: drop their rows
         if step.sampling is not None and step.sampling.constrained is not None:
-            for seq in self._advance_grammars(step, tokens):
-                self._finish(seq, "abort")
+            if self._advance_grammars(step, tokens):
                 drop = True
         if drop:
             keep = [i for i, s in enumerate(seqs) if s.status is not finished]
@@ -281,7 +285,10 @@ class EngineCore:
                            (res.logprob[i], res.top_ids[i][:k] if k else [], res.top_logprobs[i][:k] if k else []))
             out.logprobs = lps
         for seq, reason in ended:
-            self._finish(seq, reason)
+            if seq.grammar is not None and seq.grammar.is_error():  # failed, then allowed only the end
+                self._fail_grammar(seq)
+            else:
+                self._finish(seq, reason)
         for seq in step.end_seqs:  # a whole prompt computed, nothing to sample (max_tokens == 0)
             if not seq.is_finished:
                 self._finish(seq, "length")

@@ -1,6 +1,7 @@
 """LLMEngine: the engine core and the output processor in one process (the offline LLM, tests,
 benchmarks). `step()` = the core's step (schedule, run, postprocess) + the frontend's
-processing of its deltas (text, stop strings) -> RequestOutputs.
+processing of its deltas (text, stop strings) -> RequestOutputs. A request that fails while it
+runs (a grammar that cannot go on) gets a final RequestOutput with `error` set; the others go on.
 
 The HTTP server runs the same two halves in two processes instead (async_llm.py + core_proc.py).
 Not thread safe.
@@ -18,7 +19,8 @@ from drlora_serve.model_runner import ModelRunner
 from drlora_serve.output_processor import OutputProcessor
 from drlora_serve.preprocess import prepare
 from drlora_serve.structured import GrammarValidator
-from drlora_serve.types import AdapterInfo, EngineStats, InvalidRequestError, RequestOutput, SamplingParams
+from drlora_serve.types import (AdapterInfo, CompletionOutput, EngineStats, InvalidRequestError, RequestOutput,
+                                SamplingParams)
 
 
 def load_tokenizer(model_dir: Path):
@@ -86,9 +88,17 @@ class LLMEngine:
         touched, stopped = self.processor.process(self.core.step())
         if stopped:
             self.core.finish_seqs(stopped)
-        output = self.processor.output
-        return [o for req in touched if (req.finished or req.params.output_kind != "final")
-                and (o := output(req)) is not None]
+        outs = []
+        for req in touched:
+            if req.error is not None:  # failed while running: its final output says why
+                outs.append(self._failed_output(req))
+            elif (req.finished or req.params.output_kind != "final") and (o := self.processor.output(req)) is not None:
+                outs.append(o)
+        return outs
+
+    def _failed_output(self, req) -> RequestOutput:
+        outs = [CompletionOutput(st.index, "".join(st.parts), st.token_ids, st.finish_reason) for st in req.seqs]
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, True, req.adapter, error=req.error)
 
     # ------------------------------------------------------------------ adapters & stats
     def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:

@@ -58,6 +58,8 @@ class LLM:
             done: dict[str, RequestOutput] = {}
             while len(done) < len(ids):
                 for out in self.engine.step():
+                    if out.error is not None:
+                        raise out.error
                     if out.finished:
                         done[out.request_id] = out
             return [done[r] for r in ids]

@@ -82,34 +82,53 @@ def grammar_text(so: StructuredOutputsParams) -> str:
     llg = _llg()
     kind = so.kind()
     if kind in ("json", "json_object"):
-        if kind == "json_object":
-            schema = JSON_OBJECT_SCHEMA
-        elif isinstance(so.json, str):
-            try:
-                schema = json.dumps(json.loads(so.json), separators=(",", ":"))  # compact, order kept
-            except ValueError as exc:
-                raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}") from None
-        else:
-            schema = json.dumps(so.json, separators=(",", ":"))
-        if so.disable_additional_properties and kind == "json":
-            schema = json.dumps(_closed(json.loads(schema)), separators=(",", ":"))
-        if not schema.startswith("{") and schema not in ("true", "false"):
-            raise InvalidRequestError("a JSON schema must be an object")
         try:
-            return llg.LLMatcher.grammar_from_json_schema(
-                schema, defaults={"whitespace_flexible": not so.disable_any_whitespace})
-        except ValueError as exc:
-            raise InvalidRequestError(f"invalid JSON schema: {exc}") from None
+            return _json_grammar(llg, so, kind)
+        except RecursionError:  # (json's parser and printer stop at Python's recursion limit)
+            raise InvalidRequestError("the JSON schema is nested too deeply") from None
     if kind == "regex":
         return llg.LLMatcher.grammar_from_regex(so.regex)
     if kind == "choice":
         if not so.choice or not all(isinstance(c, str) for c in so.choice):
             raise InvalidRequestError("choice must be a non-empty list of strings")
-        return llg.grammar_from("choice", json.dumps(so.choice))
+        # one lexeme (a regex alternation of the literal strings) rather than llguidance's
+        # "choice" grammar, whose rule has one alternative per string: its Earley rows hold at
+        # most 2,000 items, and past that it fails mid-generation
+        return llg.LLMatcher.grammar_from_regex("(" + "|".join(_regex_literal(c) for c in so.choice) + ")")
     try:
         return llg.grammar_from("grammar", so.grammar)
     except Exception as exc:  # noqa: BLE001 - the GBNF converter raises assorted errors
         raise InvalidRequestError(f"invalid grammar: {exc}") from None
+
+
+def _json_grammar(llg, so: StructuredOutputsParams, kind: str) -> str:
+    """The llguidance grammar of a JSON schema (json) or of any JSON object (json_object)."""
+    if kind == "json_object":
+        schema = JSON_OBJECT_SCHEMA
+    elif isinstance(so.json, str):
+        try:
+            schema = json.dumps(json.loads(so.json), separators=(",", ":"))  # compact, order kept
+        except ValueError as exc:
+            raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}") from None
+    else:
+        schema = json.dumps(so.json, separators=(",", ":"))
+    if so.disable_additional_properties and kind == "json":
+        schema = json.dumps(_closed(json.loads(schema)), separators=(",", ":"))
+    if not schema.startswith("{") and schema not in ("true", "false"):
+        raise InvalidRequestError("a JSON schema must be an object")
+    try:
+        return llg.LLMatcher.grammar_from_json_schema(
+            schema, defaults={"whitespace_flexible": not so.disable_any_whitespace})
+    except ValueError as exc:
+        raise InvalidRequestError(f"invalid JSON schema: {exc}") from None
+
+
+_REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
+
+
+def _regex_literal(text: str) -> str:
+    """`text` as a regex that matches exactly it (llguidance's Rust regex syntax)."""
+    return "".join("\\" + c if c in _REGEX_META else c for c in text)
 
 
 def _closed(schema):
@@ -154,11 +173,41 @@ class GrammarValidator:
         if err is None:
             llg = _llg()
             is_err, msgs = llg.LLMatcher.validate_grammar_with_warnings(text)
-            err = msgs[0] if is_err else ""
+            err = msgs[0] if is_err else ("no text can satisfy it" if _matches_nothing(llg, text) else "")
             self._cache.put(text, err)
         if err:
             raise InvalidRequestError(f"invalid {so.kind().replace('_', ' ')} constraint: {_short(err)}")
         return text
+
+
+_BYTES_TOKENIZER = None
+
+
+def _matches_nothing(llg, text: str) -> bool:
+    """Whether no text at all satisfies a (valid) grammar: a regex like `[^\\s\\S]`, a rule that
+    only recurses, a cycle of `$ref`s. Asked of a matcher over the 256 bytes (a ~1 ms compile,
+    independent of the model's tokenizer): its first mask finds nothing to allow and leaves it
+    in its error state. (Served as is, such a grammar would allow only the end, at once.)"""
+    global _BYTES_TOKENIZER
+    if _BYTES_TOKENIZER is None:
+        _BYTES_TOKENIZER = llg.LLTokenizer(llg.TokenizerWrapper(_Bytes()))
+    m = llg.LLMatcher(_BYTES_TOKENIZER, text, log_level=0)
+    if m.is_error():  # (a grammar naming the model's special tokens, say): not for this check
+        return False
+    m.compute_bitmask()
+    return m.is_error() and m.get_error().startswith("NoExtensionBias")  # (llguidance's "nothing can follow")
+
+
+class _Bytes:
+    """A tokenizer of one token per byte and an end token, for _matches_nothing."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([i]) for i in range(256)] + [b"</s>"]
+    special_token_ids = [256]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
 
 
 def _short(msg: str, limit: int = 500) -> str:
@@ -230,6 +279,19 @@ class GrammarEngine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def failure(seq) -> InvalidRequestError:
+        """Why a sequence's grammar cannot go on, as the error its request fails with: its matcher
+        refused the sampled token (no token it allows was left to sample: allowed_token_ids or
+        bad_words exclude them all), or failed while generating (a parser limit, say) and
+        allowed nothing but the end."""
+        p = seq.request.params
+        err = _short(seq.grammar.get_error()) or "the token was refused"
+        msg = f"the {p.structured_outputs.kind().replace('_', ' ')} constraint could not be followed: {err}"
+        if p.allowed_token_ids is not None or p.bad_words_token_ids:
+            msg += " (allowed_token_ids or bad_words may exclude every token it allows)"
+        return InvalidRequestError(msg)
 
     # ------------------------------------------------------------------ per step
     def advance(self, constrained: list[tuple[int, object]], tokens: list[int]) -> list[object]:

@@ -9,7 +9,12 @@ from typing import Any, Protocol
 
 
 class InvalidRequestError(ValueError):
-    """A request the engine refuses (bad sampling values, prompt too long, ...): HTTP 400."""
+    """A request the engine refuses (bad sampling values, prompt too long, ...): HTTP 400.
+    `param`: the request field at fault, when one is (the error body's `param`)."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class AdapterNotFoundError(KeyError):
@@ -70,7 +75,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # tokens of prompt or output: positive logits / p, negative * p
     min_p: float = 0.0  # drop tokens below min_p x the top probability (after temperature)
-    min_tokens: int = 0  # no eos / stop token (nor stop string) before this many output tokens
+    min_tokens: int = 0  # no eos (even with ignore_eos) / stop token (nor stop string) before this many tokens
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (before all else)
     allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
     bad_words: list[str] | None = None  # words never generated (tokenized by the frontend)
@@ -84,40 +89,43 @@ class SamplingParams:
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            raise InvalidRequestError(f"max_tokens must be a non-negative integer, got {self.max_tokens}")
+            raise InvalidRequestError(f"max_tokens must be a non-negative integer, got {self.max_tokens}", "max_tokens")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not (0 < self.top_p <= 1):
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k != -1 and self.top_k < 1:
-            raise InvalidRequestError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+            raise InvalidRequestError(f"top_k must be -1 (off) or >= 1, got {self.top_k}", "top_k")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and not (0 <= v <= 20):
-                raise InvalidRequestError(f"{name} must be between 0 and 20, got {v}")
+                raise InvalidRequestError(f"{name} must be between 0 and 20, got {v}", name)
         if self.n < 1:
-            raise InvalidRequestError(f"n must be >= 1, got {self.n}")
+            raise InvalidRequestError(f"n must be >= 1, got {self.n}", "n")
         if self.output_kind not in OUTPUT_KINDS:
-            raise InvalidRequestError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
+            raise InvalidRequestError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}",
+                                      "output_kind")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not (math.isfinite(v) and -2 <= v <= 2):
-                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}")
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}", name)
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+                                      "repetition_penalty")
         if not (0 <= self.min_p <= 1):
-            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise InvalidRequestError(f"min_tokens must be a non-negative integer, got {self.min_tokens}")
+            raise InvalidRequestError(f"min_tokens must be a non-negative integer, got {self.min_tokens}", "min_tokens")
         if self.min_tokens > self.max_tokens:
-            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+                                      "min_tokens")
         if self.logit_bias and any(not math.isfinite(v) for v in self.logit_bias.values()):
-            raise InvalidRequestError("logit_bias values must be finite numbers")
+            raise InvalidRequestError("logit_bias values must be finite numbers", "logit_bias")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
-            raise InvalidRequestError("allowed_token_ids must not be empty")
+            raise InvalidRequestError("allowed_token_ids must not be empty", "allowed_token_ids")
         t = self.truncate_prompt_tokens
         if t is not None and not (t == -1 or t >= 1):
-            raise InvalidRequestError(f"truncate_prompt_tokens must be -1 or >= 1, got {t}")
+            raise InvalidRequestError(f"truncate_prompt_tokens must be -1 or >= 1, got {t}", "truncate_prompt_tokens")
         if self.structured_outputs is not None:
             self.structured_outputs.kind()
 
@@ -128,7 +136,7 @@ class SamplingParams:
                           ("stop_token_ids", self.stop_token_ids)):
             bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
             if bad is not None:
-                raise InvalidRequestError(f"{name}: token id {bad} is out of vocabulary (size {vocab})")
+                raise InvalidRequestError(f"{name}: token id {bad} is out of vocabulary (size {vocab})", name)
 
     @property
     def greedy(self) -> bool:
@@ -168,6 +176,9 @@ class RequestOutput:
     finished: bool = False
     adapter: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first entry None
+    # why the request failed while it ran (LLMEngine.step; its sequences end with "abort"),
+    # None if it did not; AsyncLLM raises it instead
+    error: BaseException | None = None
 
 
 @dataclass

@@ -54,7 +54,7 @@ def _message(m) -> dict:
         for c in m.tool_calls:
             try:
                 args = json.loads(c.function.arguments) if c.function.arguments else {}
-            except ValueError:
+            except (ValueError, RecursionError):  # (not JSON, or nested past the parser's depth)
                 args = c.function.arguments
             calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
         d["tool_calls"] = calls
@@ -67,11 +67,11 @@ def _logprobs(state: ServerState, ids: list[int], entries: list[TokenLogprob] | 
     for i, tid in enumerate(ids):
         e = entries[i] if entries is not None and i < len(entries) else None
         text = state.token_text(tid)
-        item = {"token": text, "logprob": e.logprob if e else None,
+        item = {"token": text, "logprob": g.logprob_json(e.logprob) if e else None,
                 "bytes": list(text.encode("utf-8")), "top_logprobs": []}
         if e is not None and k:
             top = sorted(e.top.items(), key=lambda kv: -kv[1])[:k]
-            item["top_logprobs"] = [{"token": (t := state.token_text(t_id)), "logprob": lp,
+            item["top_logprobs"] = [{"token": (t := state.token_text(t_id)), "logprob": g.logprob_json(lp),
                                      "bytes": list(t.encode("utf-8"))} for t_id, lp in top]
         content.append(item)
     return content

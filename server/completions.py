@@ -72,9 +72,9 @@ class LogprobsBuilder:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
                 continue
-            top = {self.state.token_text(t): lp for t, lp in e.top.items()}
-            top.setdefault(text, e.logprob)  # the chosen token is always listed, like vLLM
-            out["token_logprobs"].append(e.logprob)
+            top = {self.state.token_text(t): g.logprob_json(lp) for t, lp in e.top.items()}
+            top.setdefault(text, g.logprob_json(e.logprob))  # the chosen token is always listed, like vLLM
+            out["token_logprobs"].append(g.logprob_json(e.logprob))
             out["top_logprobs"].append(top)
         return out
 

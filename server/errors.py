@@ -92,7 +92,7 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, NotAnAdapterError):
         return APIError(404, str(exc), "lora_path")
     if isinstance(exc, (InvalidRequestError, AdapterFormatError)):
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), getattr(exc, "param", None))
     log.exception("unexpected error while serving a request", exc_info=exc)
     return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -136,6 +137,8 @@ def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | No
     top_k = req.top_k if req.top_k not in (None, 0) else -1
     bias = None
     if req.logit_bias:
+        if not all(math.isfinite(v) for v in req.logit_bias.values()):  # (before the clamp hides a NaN)
+            raise bad_request("logit_bias values must be finite numbers", "logit_bias")
         try:
             bias = {int(k): min(100.0, max(-100.0, v)) for k, v in req.logit_bias.items()}  # vLLM clamps
         except ValueError:
@@ -171,7 +174,7 @@ def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | No
         min_tokens=req.min_tokens,
         logit_bias=bias,
         allowed_token_ids=_token_ids(state, req.allowed_token_ids, "allowed_token_ids")
-        if req.allowed_token_ids else None,
+        if req.allowed_token_ids is not None else None,  # ([] is refused by validate(), as vLLM does)
         bad_words=list(req.bad_words) if req.bad_words else None,
         include_stop_str_in_output=req.include_stop_str_in_output,
         skip_special_tokens=req.skip_special_tokens,
@@ -182,7 +185,7 @@ def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | No
     try:
         params.validate()
     except InvalidRequestError as exc:
-        raise bad_request(str(exc)) from None
+        raise bad_request(str(exc), exc.param) from None
     return params
 
 
@@ -195,6 +198,14 @@ def truncate(ids: list[int], req, max_model_len: int) -> list[int]:
     return ids[-k:]
 
 
+LOGPROB_FLOOR = -9999.0  # vLLM's: JSON has no -inf, the logprob of a token a grammar or a control forbids
+
+
+def logprob_json(lp: float) -> float:
+    """A logprob as the API shows it: at least LOGPROB_FLOOR (NaN too)."""
+    return lp if lp >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 def prompt_logprobs_json(state: ServerState, entries, k: int) -> list[dict | None]:
     """vLLM's prompt_logprobs: per prompt token (the first None), {token id: {logprob, rank,
     decoded_token}} for the prompt token and the k most likely."""
@@ -205,8 +216,9 @@ def prompt_logprobs_json(state: ServerState, entries, k: int) -> list[dict | Non
             continue
         d = {}
         for rank, (tid, lp) in enumerate(list(e.top.items())[:k], start=1):
-            d[str(tid)] = {"logprob": lp, "rank": rank, "decoded_token": state.token_text(tid)}
-        d[str(e.token_id)] = {"logprob": e.logprob, "rank": e.rank, "decoded_token": state.token_text(e.token_id)}
+            d[str(tid)] = {"logprob": logprob_json(lp), "rank": rank, "decoded_token": state.token_text(tid)}
+        d[str(e.token_id)] = {"logprob": logprob_json(e.logprob), "rank": e.rank,
+                              "decoded_token": state.token_text(e.token_id)}
         out.append(d)
     return out
 

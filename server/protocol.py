@@ -227,6 +227,9 @@ class _Sampling(BaseModel):
             if data.get("stream") and data.get("prompt_logprobs") is not None:
                 raise PydanticCustomError("unsupported_option", "prompt_logprobs is not available with stream=true",
                                           {"param": "prompt_logprobs"})
+            if data.get("stream_options") is not None and not data.get("stream"):  # (as OpenAI and vLLM)
+                raise PydanticCustomError("value_error", "stream_options is only allowed when stream is true",
+                                          {"param": "stream_options"})
             if data.get("truncate_prompt_tokens") == 0:
                 raise PydanticCustomError("value_error", "truncate_prompt_tokens must be -1 or >= 1",
                                           {"param": "truncate_prompt_tokens"})

@@ -177,7 +177,7 @@ def tool_calls(req, text: str) -> list[dict] | None:
     try:
         for c in calls:
             json.loads(c.args)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return [{"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.args}}
             for c in calls]

@@ -97,6 +97,21 @@ def test_regex_choice_grammar(engine, tokenizer, kind, value, check):
     assert sum(o.finish_reason == "stop" for o in outs) >= 6
 
 
+def test_many_choices_and_special_characters(engine, tokenizer):
+    """A choice list past llguidance's 2,000 items per grammar row (served as one regex lexeme),
+    with strings that hold regex syntax: every output is one of the strings."""
+    choices = [f"w{i}" for i in range(2500)] + ["a.b", "x|y", "(z)", "[q]", "1+1", "~-#&", "ü^$"]
+    sp = SamplingParams(max_tokens=12, temperature=1.0, seed=4, n=6, structured_outputs=so(choice=choices))
+    engine.add_request("many", tokenizer.encode(PROMPTS[1]), sp)
+    out = run_all(engine)["many"]
+    assert out.error is None
+    for o in out.outputs:
+        assert o.finish_reason == "stop" and o.text in choices, o.text
+    engine.add_request("special", tokenizer.encode(PROMPTS[1]), SamplingParams(
+        max_tokens=12, temperature=0, structured_outputs=so(choice=["a.b", "x|y", "(z)"])))
+    assert run_all(engine)["special"].outputs[0].text in ("a.b", "x|y", "(z)")
+
+
 def mixed_requests(tokenizer):
     t = [tokenizer.encode(p) for p in PROMPTS]
     g = SamplingParams(max_tokens=120, temperature=0)
@@ -175,6 +190,12 @@ def test_ignore_eos_after_the_grammar_ends(engine, tokenizer):
     dict(grammar="start: (("),
     dict(choice=[]),
     dict(regex="a", choice=["a"]),
+    # no text at all satisfies these: refused, rather than ending at once with ""
+    dict(regex=r"[^\s\S]"),
+    dict(grammar='start: start "a"'),
+    dict(grammar='root ::= root "a"'),
+    dict(json={"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+    dict(json="[" * 5000 + "]" * 5000),  # past json's recursion limit
 ])
 def test_bad_grammars_refused_up_front(engine, bad):
     with pytest.raises(InvalidRequestError):
@@ -248,11 +269,11 @@ def test_tokenizer_larger_than_the_model_vocab(tiny_dir, tokenizer):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_no_allowed_token_left_aborts_that_sequence_only(tiny_dir, tokenizer, threads, monkeypatch):
+def test_no_allowed_token_left_fails_that_request_only(tiny_dir, tokenizer, threads, monkeypatch):
     """allowed_token_ids that exclude every token the grammar allows: the sampled token is
-    refused by the grammar and that sequence ends with "abort", without its token; the other
-    constrained rows of the batch go on (matchers advanced in the calling thread and in
-    LLExecutor's threads)."""
+    refused by the grammar and that request fails with an error that says why (its sequence
+    ends with "abort", without its token); the other constrained rows of the batch go on
+    (matchers advanced in the calling thread and in LLExecutor's threads)."""
     import drlora_serve.structured as st
 
     monkeypatch.setattr(st, "PARALLEL_MIN_ROWS", 1)
@@ -268,6 +289,9 @@ def test_no_allowed_token_left_aborts_that_sequence_only(tiny_dir, tokenizer, th
     outs = run_all(eng)
     starved = outs["starved"].outputs[0]
     assert starved.finish_reason == "abort" and starved.token_ids == []
+    err = outs["starved"].error
+    assert isinstance(err, InvalidRequestError) and "allowed_token_ids" in str(err), err
+    assert outs["fed"].error is None
     fed = outs["fed"].outputs[0]
     assert fed.finish_reason == "stop"
     jsonschema.validate(json.loads(fed.text), SCHEMA)

@@ -113,7 +113,13 @@ def test_streaming_completion_and_chat(make_client):
     ({"prompt": "x", "presence_penalty": 3.0}, 400, "presence_penalty"),
     ({"prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "allowed_token_ids": [99999]}, 400, "allowed_token_ids"),
-    ({"prompt": "x", "min_tokens": 5, "max_tokens": 2}, 400, None),
+    ({"prompt": "x", "min_tokens": 5, "max_tokens": 2}, 400, "min_tokens"),
+    ({"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    ('{"prompt": "x", "logit_bias": {"5": NaN}}', 400, "logit_bias"),  # (JSON text: NaN is no JSON)
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"prompt": "x", "guided_json": "[" * 5000 + "]" * 5000}, 400, "guided_json"),
+    ({"prompt": "x", "guided_regex": "[^\\s\\S]"}, 400, "guided_regex"),  # matches no text at all
+    ({"prompt": "x", "guided_grammar": 'start: start "a"'}, 400, "guided_grammar"),
     ({"prompt": "x", "response_format": {"type": "json_schema"}}, 400, "response_format"),
     ({"prompt": "x", "response_format": {"type": "structural_tag"}}, 400, "response_format"),
     ({"prompt": "x", "structured_outputs": {"structural_tag": "x"}}, 400, "structured_outputs"),
@@ -125,7 +131,9 @@ def test_streaming_completion_and_chat(make_client):
 ])
 def test_errors(make_client, body, status, param):
     c, _ = make_client()
-    e = err(c.post("/v1/completions", json=body), status)
+    r = c.post("/v1/completions", content=body, headers={"content-type": "application/json"}) \
+        if isinstance(body, str) else c.post("/v1/completions", json=body)
+    e = err(r, status)
     if param:
         assert e["param"] == param
     if status == 404:

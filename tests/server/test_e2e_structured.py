@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from drlora_serve.types import SamplingParams, StructuredOutputsParams
+from drlora_serve.types import SamplingParams
 from tests.server.conftest import ServerProcess, make_adapter, real_server_cmd
 
 SCHEMA = {
@@ -229,3 +229,55 @@ def test_prompt_logprobs_and_truncation(env, tokenizer):
     assert t.usage.prompt_tokens == 3 and t.choices[0].text.startswith(tokenizer.decode(last3))
     same = c.completions.create(model="tiny", prompt=last3, max_tokens=2, temperature=0)
     assert t.choices[0].text == tokenizer.decode(last3) + same.choices[0].text
+
+
+def _strict_sse(r) -> list[dict]:
+    """The stream's JSON events, parsed strictly (no NaN or Infinity: not JSON)."""
+    def refuse(c):
+        raise AssertionError(f"{c} is not JSON")
+    events = [ln[len("data: "):] for ln in r.text.split("\n\n") if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e, parse_constant=refuse) for e in events[:-1]]
+
+
+def test_logprobs_of_tokens_a_grammar_forbids(env):
+    """Top logprobs under a grammar list tokens it forbids (fewer than k allowed) at vLLM's
+    floor, -9999.0, not -inf (no JSON), in completions and chat, streamed or not."""
+    import httpx
+
+    body = {"model": "tiny", "prompt": "Give", "max_tokens": 4, "temperature": 0, "logprobs": 3,
+            "guided_json": {"type": "object"}}
+    r = httpx.post(env["url"] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    tops = r.json()["choices"][0]["logprobs"]["top_logprobs"]
+    values = [v for t in tops for v in t.values()]
+    assert -9999.0 in values and all(v >= -9999.0 for v in values)  # "{" is the only start
+    s = httpx.post(env["url"] + "/v1/completions", json={**body, "stream": True}, timeout=60)
+    streamed = [v for ev in _strict_sse(s) for ch in ev["choices"] if ch["logprobs"]
+                for t in ch["logprobs"]["top_logprobs"] for v in t.values()]
+    assert streamed == values
+    chat = {"model": "tiny", "messages": MSG, "max_tokens": 4, "temperature": 0, "logprobs": True,
+            "top_logprobs": 3, "response_format": {"type": "json_object"}}
+    r = httpx.post(env["url"] + "/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert any(t["logprob"] == -9999.0 for c in content for t in c["top_logprobs"])
+    s = httpx.post(env["url"] + "/v1/chat/completions", json={**chat, "stream": True}, timeout=60)
+    assert len(_strict_sse(s)) > 2
+
+
+def test_a_constraint_that_cannot_go_on_is_an_error(env, tokenizer):
+    """allowed_token_ids leaving none of the tokens a grammar allows: a 400 that says so (an
+    error event once a stream has started), not an empty 200; the server goes on serving."""
+    import httpx
+
+    outside = tokenizer.encode("zzz", add_special_tokens=False)[0]
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 5, "allowed_token_ids": [outside],
+            "guided_regex": "[0-9]+"}
+    r = httpx.post(env["url"] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400 and "allowed_token_ids" in r.json()["error"]["message"], r.text
+    s = httpx.post(env["url"] + "/v1/completions", json={**body, "stream": True}, timeout=60)
+    events = _strict_sse(s)
+    assert "error" in events[-1] and events[-1]["error"]["code"] == 400
+    ok = client(env).completions.create(model="tiny", prompt="x", max_tokens=3, extra_body={"guided_regex": "[0-9]+"})
+    assert ok.choices[0].text.isdigit()

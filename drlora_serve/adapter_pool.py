@@ -51,6 +51,16 @@ class AdapterVersion:
     last_used: float = 0.0
     max_rank: int = 0  # largest rank of any expert (or attention) projection
     uid: int = 0  # process-unique identity (prefix-cache key, host tier key); never repeats
+    stamp: tuple = ()  # the folder's files (name, size, mtime) when read: a re-read must find the same
+
+
+def folder_stamp(path: str | Path) -> tuple:
+    """(name, size, mtime_ns) of each file of an adapter folder: changes when a file is rewritten."""
+    try:
+        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in Path(path).iterdir()
+                            if f.is_file() for st in (f.stat(),)))
+    except OSError:
+        return ()
 
 
 def read_any_adapter(path: str | Path, base: MoeShape) -> Adapter:
@@ -97,7 +107,10 @@ class AdapterPool:
             raise ValueError(f"invalid adapter name {name!r}")
         if name in self.current and not replace:
             raise ValueError(f"adapter '{name}' is already loaded (use replace to swap it)")
-        return self.add(name, self._read(path), str(Path(path).resolve()), replace)
+        stamp = folder_stamp(path)
+        info = self.add(name, self._read(path), str(Path(path).resolve()), replace)
+        self.current[name].stamp = stamp
+        return info
 
     def _read(self, path: str | Path) -> Adapter:
         t0 = time.perf_counter()
@@ -229,7 +242,15 @@ class AdapterPool:
                 drop.adapter = None
 
     def _host_get(self, v: AdapterVersion) -> Adapter:
+        """v's tensors, read again from its folder if the host tier dropped them. The folder must
+        still hold what was registered (the files' names, sizes and times): a version never
+        changes weights (its uid keys the prefix cache) and was checked against the pool's
+        limits when registered; AdapterFormatError otherwise."""
         if v.adapter is None:
+            if folder_stamp(v.path) != v.stamp:
+                raise AdapterFormatError(
+                    f"adapter '{v.name}' (version {v.version}) changed on disk since it was loaded and is no longer "
+                    f"in host memory; load it again (replace) to serve the new files")
             v.adapter = self._read(v.path)
         self._host_touch(v)
         return v.adapter

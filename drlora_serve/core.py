@@ -198,6 +198,12 @@ class EngineCore:
         batch = self.scheduler.schedule()
         for s in batch.preempted:
             self.runner.release(s)
+        if self.scheduler.failed:
+            for seq, exc in self.scheduler.failed:
+                if not seq.is_finished:
+                    log.warning("request %s failed: %s", seq.request.request_id, exc)
+                    self.fail_request(seq.request, exc)
+            self.scheduler.failed = []
         self.counters.num_preemptions_total += len(batch.preempted)
         launched = None
         if not batch.empty:

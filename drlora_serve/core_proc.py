@@ -91,19 +91,24 @@ class CoreLoop:
         core, poller = self.core, zmq.Poller()
         poller.register(self.inp, zmq.POLLIN)
         last_stats = last_parent_check = 0.0
+        stalled = False  # the last step had nothing to run (requests waiting for an adapter slot)
         while not self.stop:
             busy = core.has_unfinished()
-            if poller.poll(0 if busy else 1000 * min(self.stats_interval * 4, 0.5)):
+            if poller.poll(0 if busy and not stalled else 1 if busy else 1000 * min(self.stats_interval * 4, 0.5)):
                 self._drain()
             out = None
             if core.has_unfinished():
                 try:
                     out = core.step()
+                    stalled = core.inflight is None and out.empty
+                    if out.empty:
+                        out = None  # nothing to tell the frontend (never a stream of empty messages)
                 except Exception as exc:  # noqa: BLE001 - keep serving: fail the requests in flight only
                     log.exception("engine step failed")
                     core.fail_all(exc)
                     out = StepOutputs([], [], failed=core._failed)
                     core._failed = []
+                    stalled = False
                 self.stats_dirty = True
             elif core._failed or core._finished:
                 out = StepOutputs([], [], finished=core._finished, failed=core._failed)

@@ -102,6 +102,11 @@ class StepOutputs(msgspec.Struct, tag=True, array_like=True):
     stats: EngineStats | None = None
     adapters: list[AdapterInfo] | None = None  # the adapter list, when it changed
 
+    @property
+    def empty(self) -> bool:
+        return not (self.seq_keys or self.prompt_logprobs or self.finished or self.failed) \
+            and self.stats is None and self.adapters is None
+
 
 class UtilityResult(msgspec.Struct, tag=True, array_like=True):
     call_id: int

@@ -63,6 +63,9 @@ class Scheduler:
         self.preempted: deque[Sequence] = deque()
         self.queues: OrderedDict[object, deque[Sequence]] = OrderedDict()  # adapter key -> waiting (RR order)
         self.num_preemptions = 0
+        # sequences whose adapter could not be activated (its folder changed since it was
+        # loaded): the core fails their requests after schedule()
+        self.failed: list[tuple[Sequence, Exception]] = []
 
     # ------------------------------------------------------------------ queues
     def add(self, seq: Sequence) -> None:
@@ -176,8 +179,14 @@ class Scheduler:
         """The budget left after admitting seq; False if out of KV blocks; None if its adapter
         cannot be placed now."""
         v = seq.request.adapter_version
-        if v is not None and self.pool.activate(v) is None:
-            return None
+        if v is not None:
+            try:
+                slot = self.pool.activate(v)
+            except Exception as exc:  # noqa: BLE001 - its folder cannot be read again: fail this request only
+                self.failed.append((seq, exc))
+                return None
+            if slot is None:
+                return None
         cached = self.blocks.find_cached(seq)
         n = min(seq.num_tokens - len(cached) * self.blocks.block_size, budget)
         if not self.blocks.admit(seq, cached, n):

@@ -282,3 +282,34 @@ def test_dummy_load_format_runs_without_reading_weights(tiny_dir, tokenizer, tmp
     assert len(run_all(eng)["d"].outputs[0].token_ids) == 8
     with pytest.raises(ValueError, match="load_format"):
         make_engine(folder, tokenizer, load_format="pickle")
+
+
+def test_adapter_rewritten_on_disk_after_leaving_host_memory(tiny_dir, tiny_shape, tokenizer, tmp_path):
+    """An adapter dropped from the host tier is read again from its folder only if the folder
+    still holds what was registered. Rewritten (a retrain into the same folder, a failed
+    reload, a rank over the pool's limits), its requests fail with an error that says so,
+    instead of serving other weights under the same version (whose prefix-cache KV would then
+    be wrong too) or waiting forever for a slot; the other requests go on."""
+    import shutil
+
+    from drlora.adapter_format import AdapterFormatError
+
+    make_adapter(tmp_path / "ads" / "x", tiny_shape, seed=41, max_rank=4)
+    make_adapter(tmp_path / "ads" / "y", tiny_shape, seed=42, max_rank=4)
+    make_adapter(tmp_path / "other", tiny_shape, seed=43, max_rank=300)  # over max_lora_rank
+    eng = make_engine(tiny_dir, tokenizer, adapters_dir=str(tmp_path / "ads"), max_loras=1, max_cpu_loras=1)
+    toks = tokenizer.encode(PROMPTS[1])
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    together(eng, [("y0", toks, "y")], sp)
+    ref_x = together(eng, [("x0", toks, "x")], sp)["x0"]  # x in host memory, y dropped from it
+    assert eng.pool.current["y"].adapter is None
+    for f in (tmp_path / "other").iterdir():
+        shutil.copy(f, tmp_path / "ads" / "y" / f.name)
+    eng.add_request("y1", toks, sp, "y")
+    eng.add_request("b1", toks, sp)
+    outs = run_all(eng)
+    assert isinstance(outs["y1"].error, AdapterFormatError) and "changed on disk" in str(outs["y1"].error)
+    assert outs["b1"].error is None and len(outs["b1"].outputs[0].token_ids) == 6
+    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
+    eng.load_adapter("y", str(tmp_path / "ads" / "x"), replace=True)  # a reload serves again
+    assert together(eng, [("y2", toks, "y")], sp)["y2"] == ref_x

@@ -54,6 +54,11 @@ class AdapterVersion:
     stamp: tuple = ()  # the folder's files (name, size, mtime) when read: a re-read must find the same
 
 
+def valid_adapter_name(name: str) -> bool:
+    """A name requests can use and metrics can label: not blank, no '/', no control characters."""
+    return bool(name.strip()) and "/" not in name and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name)
+
+
 def folder_stamp(path: str | Path) -> tuple:
     """(name, size, mtime_ns) of each file of an adapter folder: changes when a file is rewritten."""
     try:
@@ -103,7 +108,7 @@ class AdapterPool:
 
     # ------------------------------------------------------------------ registry
     def register(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
-        if not name or "/" in name:
+        if not valid_adapter_name(name):
             raise ValueError(f"invalid adapter name {name!r}")
         if name in self.current and not replace:
             raise ValueError(f"adapter '{name}' is already loaded (use replace to swap it)")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
 from drlora.adapter_format import CONFIG_NAME, AdapterFormatError, is_adapter_dir
+from drlora.peft import PEFT_CONFIG
+from drlora_serve.adapter_pool import valid_adapter_name
 from drlora_serve.types import AdapterNotFoundError, EngineClient
 from server.confinement import OutsideRootsError, confine
 from server.errors import APIError, bad_request, from_exception
@@ -47,13 +50,17 @@ async def load_lora_adapter(req: LoadLoraAdapterRequest, request: Request) -> Pl
     name = req.lora_name
     if state.is_base(name):
         raise bad_request(f"lora_name '{name}' is the base model's name", "lora_name")
+    if not valid_adapter_name(name):
+        raise bad_request(f"lora_name {name!r} is not a valid adapter name (no '/', no control characters, "
+                          "not blank)", "lora_name")
     path = resolve_lora_path(req.lora_path, state.config.allowed_roots())
     exists = name in _names(state.engine)
     if exists and not req.load_inplace:
         raise bad_request(f"The lora adapter '{name}' has already been loaded. Pass "
                           "\"load_inplace\": true to replace it.", "lora_name")
-    if not is_adapter_dir(path):
-        raise APIError(404, f"No adapter found at '{req.lora_path}' (no {CONFIG_NAME})", "lora_path")
+    if not (is_adapter_dir(path) or (Path(path) / PEFT_CONFIG).is_file()):  # drlora's format, or PEFT's
+        raise APIError(404, f"No adapter found at '{req.lora_path}' (neither {CONFIG_NAME} nor {PEFT_CONFIG})",
+                       "lora_path")
     try:
         await state.engine.load_adapter(name, path, replace=exists)
     except (AdapterFormatError, AdapterNotFoundError) as exc:

@@ -111,6 +111,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     if first.get("type") == "json_invalid":
         return f"Malformed JSON body: {first.get('msg', '')}".strip(), None
+    if not loc and str(first.get("type", "")).endswith("_type"):  # the body itself: not an object
+        return "The request body must be a JSON object (content-type: application/json)", None
     where = ".".join(loc)
     msg = first.get("msg", "invalid value")
     more = f" (+{len(errs) - 1} more errors)" if len(errs) > 1 else ""

@@ -280,6 +280,17 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: Text | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data: Any) -> Any:
+        parts = data.get("content") if isinstance(data, dict) else None
+        if isinstance(parts, list):
+            other = next((p.get("type") for p in parts if isinstance(p, dict) and p.get("type", "text") != "text"), None)
+            if other is not None:
+                raise PydanticCustomError("unsupported_option", "content parts of type {kind} are not supported: "
+                                          "this model takes text only", {"param": "messages", "kind": repr(other)})
+        return data
+
     def text(self) -> str:
         if self.content is None:
             return ""

@@ -294,3 +294,15 @@ def test_error_rendering_never_fails_on_unencodable_text(make_client):
     raw = '{"model": "\\ud800", "prompt": "x"}'.encode()
     e = err(c.post("/v1/completions", content=raw, headers={"content-type": "application/json"}), 400)
     assert e["param"] == "model"
+
+
+def test_non_text_content_and_non_object_bodies_say_so(make_client):
+    c, _ = make_client()
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                      {"type": "image_url", "image_url": {"url": "x"}}]}]}
+    e = err(c.post("/v1/chat/completions", json=body), 400)
+    assert e["param"] == "messages" and "image_url" in e["message"] and "text only" in e["message"]
+    e = err(c.post("/v1/completions", content="prompt=x", headers={"content-type": "text/plain"}), 400)
+    assert "JSON object" in e["message"]
+    e = err(c.post("/v1/completions", json=["x"]), 400)
+    assert "JSON object" in e["message"]

@@ -182,6 +182,19 @@ def test_hot_load_by_folder_and_endpoint(env):
     assert c.completions.create(model="b1", prompt="x", max_tokens=2).usage.completion_tokens == 2
     assert httpx.post(url + "/v1/load_lora_adapter", json=body, headers=h).status_code == 400
     assert httpx.post(url + "/v1/load_lora_adapter", json={**body, "load_inplace": True}, headers=h).status_code == 200
+    # a PEFT folder (what vLLM users pass) loads through the endpoint too, with the same outputs
+    from drlora.peft import export_peft
+
+    export_peft(a / ".staging" / "b1", a / ".staging" / "b1-peft")
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "pe", "lora_path": str(a / ".staging" / "b1-peft")},
+                   headers=h)
+    assert r.status_code == 200, r.text
+    kw = dict(prompt="hello there", max_tokens=4, temperature=0)
+    assert c.completions.create(model="pe", **kw).choices[0].text == c.completions.create(model="b1", **kw).choices[0].text
+    for name in ("a/b", "x\ny", " "):
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(a / ".staging" / "b1")},
+                       headers=h)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
     for bad in (str(env["tmp"] / "outside" / "evil"), str(a / ".." / "outside" / "evil")):
         assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "e", "lora_path": bad}, headers=h).status_code == 400
     assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "e", "lora_path": str(a / "nothing")}, headers=h).status_code == 404

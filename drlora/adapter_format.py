@@ -201,6 +201,11 @@ def expected_shapes(cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _count(x) -> bool:
+    """A non-negative integer, and not a JSON boolean (Python's True is an int)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _check_config(cfg: AdapterConfig) -> None:
     s = cfg.base_shape
     L, E = s.num_hidden_layers, s.num_experts
@@ -211,7 +216,7 @@ def _check_config(cfg: AdapterConfig) -> None:
             raise AdapterFormatError(f"unknown expert projection '{p}' (expected one of {EXPERT_PROJS})")
         if len(per_layer) != L or any(len(r) != E for r in per_layer):
             raise AdapterFormatError(f"ranks['{p}'] must be {L} layers x {E} experts")
-        if any((not isinstance(x, int)) or x < 0 for r in per_layer for x in r):
+        if any(not _count(x) for r in per_layer for x in r):
             raise AdapterFormatError(f"ranks['{p}'] must hold non-negative integers")
         for l in s.dense_layers:
             if l < L and any(per_layer[l]):
@@ -221,7 +226,7 @@ def _check_config(cfg: AdapterConfig) -> None:
             raise AdapterFormatError(f"unknown dense projection '{p}' (expected one of {DENSE_PROJS})")
         if p not in s.dense_projs():
             raise AdapterFormatError(f"dense_ranks['{p}']: the base ({s.model_type}) has no shared expert")
-        if len(ranks) != L or any((not isinstance(x, int)) or x < 0 for x in ranks):
+        if len(ranks) != L or any(not _count(x) for x in ranks):
             raise AdapterFormatError(f"dense_ranks['{p}'] must be {L} non-negative integers")
         if p in SHARED_PROJS and any(ranks[l] for l in s.dense_layers if l < L):
             raise AdapterFormatError(f"dense_ranks['{p}'] is non-zero on a dense-MLP layer (no shared expert there)")
@@ -272,6 +277,8 @@ def _check_tensors(cfg: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None
         t = tensors[k]
         if tuple(t.shape) != shape:
             raise AdapterFormatError(f"tensor {k} has shape {tuple(t.shape)}, ranks imply {shape}")
+        if not t.is_floating_point():  # (integer weights would load, truncated to nothing)
+            raise AdapterFormatError(f"tensor {k} is {str(t.dtype).removeprefix('torch.')}, not floating point")
         if not torch.isfinite(t).all():
             raise AdapterFormatError(f"tensor {k} holds NaN or inf")
 

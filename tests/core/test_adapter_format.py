@@ -97,6 +97,10 @@ def test_bad_json_and_config(tmp_path):
     bad["ranks"]["up"][0] = bad["ranks"]["up"][0][:-1]
     (tmp_path / CONFIG_NAME).write_text(json.dumps(bad))
     refuses(tmp_path, r"ranks\['up'\] must be 2 layers x 5 experts")
+    bad = json.loads(json.dumps(d))
+    bad["ranks"]["up"][0][0] = True  # a JSON boolean is no rank (Python's True == 1)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(bad))
+    refuses(tmp_path, r"ranks\['up'\] must hold non-negative integers")
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**d, "format_version": 99}))
     refuses(tmp_path, "newer than this drlora")
 
@@ -126,6 +130,14 @@ def test_nan_inf_refused(tmp_path):
         write_adapter(tmp_path, cfg, tensors)
         save_file({**tensors, k: t[k]}, str(tmp_path / WEIGHTS_NAME))
         refuses(tmp_path, "NaN or inf")
+
+
+def test_integer_weights_refused(tmp_path):
+    cfg, tensors = make(SHAPE)
+    write_adapter(tmp_path, cfg, tensors)
+    k = key(1, "down", "lora_B")
+    save_file({**tensors, k: tensors[k].to(torch.int32)}, str(tmp_path / WEIGHTS_NAME))
+    refuses(tmp_path, f"tensor {k} is int32, not floating point")
 
 
 def test_base_model_must_fit(tmp_path):

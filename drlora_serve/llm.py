@@ -2,6 +2,7 @@
 
     llm = LLM(model="tiny", adapters="./adapters", max_loras=8)
     outs = llm.generate(["Hello", "Hi"], SamplingParams(max_tokens=16), adapter=["a", None])
+    outs = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=16))
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from pathlib import Path
 from drlora_serve.config import EngineArgs
 from drlora_serve.engine import LLMEngine
 from drlora_serve.types import AdapterInfo, RequestOutput, SamplingParams
+
+
+Prompt = str | list[int] | dict  # text, token ids, or {"prompt": text} / {"prompt_token_ids": ids} (vLLM)
 
 
 class LLM:
@@ -35,12 +39,14 @@ class LLM:
         self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts: str | list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  adapter: str | None | list[str | None] = None) -> list[RequestOutput]:
         """Run every prompt to completion (continuous batching); outputs in prompt order.
+        A prompt is text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}.
         Only final outputs are made (no per-step snapshots; text decoded once per sequence
-        unless stop strings need it sooner)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        unless stop strings need it sooner). A request that fails while running raises its
+        error (the others are aborted)."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         n = len(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
@@ -51,7 +57,7 @@ class LLM:
         ids = []
         try:
             for p, sp, a in zip(prompts, params, adapters):
-                toks = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+                toks = self._prompt_ids(p)
                 rid = f"llm-{next(self._ids)}"
                 self.engine.add_request(rid, toks, sp, a)
                 ids.append(rid)
@@ -67,6 +73,30 @@ class LLM:
             for rid in ids:
                 self.engine.abort(rid)
             raise
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             adapter: str | None | list[str | None] = None, add_generation_prompt: bool = True,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} messages) or several, rendered with the
+        model's chat template (as the server's /v1/chat/completions does), then generate()."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use generate()")
+        kw = {"tools": tools} if tools else {}
+        render = self.tokenizer.apply_chat_template
+        texts = [render(c, tokenize=False, add_generation_prompt=add_generation_prompt, **kw) for c in convs]
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return self.generate(ids, sampling_params, adapter)
+
+    def _prompt_ids(self, p: Prompt) -> list[int]:
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                return list(p["prompt_token_ids"])
+            if "prompt" in p:
+                return self.tokenizer.encode(p["prompt"])
+            raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(p)}")
+        return self.tokenizer.encode(p) if isinstance(p, str) else list(p)
 
     def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
         return self.engine.load_adapter(name, str(path), replace)

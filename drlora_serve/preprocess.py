@@ -36,9 +36,12 @@ def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
 
 def prepare(params: SamplingParams, prompt_ids: list[int], tokenizer, vocab_size: int, max_model_len: int,
             grammars: GrammarValidator) -> tuple[SamplingParams, list[int]]:
-    """The params to send (a copy when something was resolved) and the prompt to run."""
-    params.validate()
+    """The params to send (a copy when something was resolved) and the prompt to run.
+    max_tokens None: up to the context length (vLLM)."""
     ids = truncate_prompt(prompt_ids, params, max_model_len)
+    if params.max_tokens is None:
+        params = dataclasses.replace(params, max_tokens=max(0, max_model_len - len(ids)))
+    params.validate()
     if params.bad_words and params.bad_words_token_ids is None:
         params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids(tokenizer, params.bad_words))
     params.check_vocab(vocab_size)

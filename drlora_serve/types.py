@@ -55,7 +55,7 @@ class StructuredOutputsParams:
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to the context length (resolved by the frontend, as vLLM)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: off (vLLM)

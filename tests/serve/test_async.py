@@ -82,6 +82,19 @@ def test_llm_api(tiny_dir, adapters_dir):
         llm.generate("x", sp, adapter="c")
     llm.load_adapter("c", adapters_dir / "c")
     assert {a.name for a in llm.list_adapters()} == {"a", "b", "c"}
+    # vLLM's prompt dicts, max_tokens=None (up to the context length), chat()
+    ref = outs[1].outputs[0].token_ids
+    assert llm.generate({"prompt_token_ids": ids}, sp)[0].outputs[0].token_ids == ref
+    assert llm.generate([{"prompt": PROMPTS[1]}], sp)[0].outputs[0].token_ids == ref
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate({"text": "x"}, sp)
+    full = llm.generate([ids], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert len(ids) + len(full.token_ids) == llm.engine.max_model_len and full.finish_reason == "length"
+    msgs = [{"role": "user", "content": "Hi there"}]
+    chat = llm.chat(msgs, sp)[0].outputs[0]
+    text = llm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert chat.token_ids == llm.generate([llm.tokenizer.encode(text, add_special_tokens=False)], sp)[0].outputs[0].token_ids
+    assert len(llm.chat([msgs, msgs], sp)) == 2
 
 
 def test_name_reloaded_with_other_weights_never_hits_the_old_prefix_cache(tiny_dir, tiny_shape, tmp_path):

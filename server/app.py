@@ -18,6 +18,7 @@ from server import adapters, chat, completions
 from server.watcher import AdapterWatcher
 from server.auth import ApiKeyMiddleware
 from server.errors import install_handlers, model_not_found
+from server.limits import BodyLimitMiddleware
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import ErrorResponse, ModelCard, ModelList
 from server.state import ServerConfig, ServerState, get_state
@@ -73,6 +74,7 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
     keys = [config.api_key] if config.api_key else []
     if keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=keys)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)  # outermost: before any read
 
     @app.get("/health")
     async def health(request: Request) -> Response:

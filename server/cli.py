@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="seconds to let in-flight requests finish on shutdown before aborting them")
     a("--max-prompts-per-request", type=_positive(int), default=2048,
       help="most prompts x n one completion request may carry (a 400 beyond)")
+    a("--max-request-mb", type=float, default=64.0,
+      help="largest request body in MiB (a 413 beyond; 0: no limit)")
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -204,6 +206,7 @@ def _configure(parser, args):
         base_aliases=[args.model, model_path], model_path=model_path, adapters_dir=adapters,
         watch_interval=args.watch_interval, lora_roots=roots, allow_runtime_lora_updating=runtime,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+        max_request_bytes=int(args.max_request_mb * 2**20),
         max_prompts_per_request=args.max_prompts_per_request,
         structured_defaults=args.structured_outputs_config)
     return engine_args, config

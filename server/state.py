@@ -31,6 +31,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     max_prompts_per_request: int = 2048  # prompts x n of one request (engine requests it makes)
+    max_request_bytes: int = 64 * 2**20  # --max-request-mb: larger bodies get a 413 (0: no limit)
     # --structured-outputs-config: defaults of StructuredOutputsParams (disable_any_whitespace, ...)
     structured_defaults: dict = field(default_factory=dict)
 

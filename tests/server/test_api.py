@@ -306,3 +306,18 @@ def test_non_text_content_and_non_object_bodies_say_so(make_client):
     assert "JSON object" in e["message"]
     e = err(c.post("/v1/completions", json=["x"]), 400)
     assert "JSON object" in e["message"]
+
+
+def test_request_body_limit(make_client):
+    """--max-request-mb: a larger body is a 413 before it is parsed, whether its size is in
+    Content-Length or only known while reading a chunked body; smaller bodies are served."""
+    c, _ = make_client(max_request_bytes=1000)
+    big = json.dumps({"prompt": "x" * 2000, "max_tokens": 1})
+    e = err(c.post("/v1/completions", content=big, headers={"content-type": "application/json"}), 413)
+    assert "--max-request-mb" in e["message"] and e["type"] == "RequestTooLargeError"
+
+    def chunks():
+        for i in range(0, len(big), 100):
+            yield big[i:i + 100].encode()
+    e = err(c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
+    assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200

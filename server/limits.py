@@ -33,13 +33,16 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or self.max_bytes <= 0:
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._refuse(send)
+        length = next((v for k, v in scope.get("headers") or () if k == b"content-length"), None)
+        if length is not None:  # (the server holds a body to its Content-Length: nothing to count)
+            if length.isdigit() and int(length) > self.max_bytes:
+                await self._refuse(send)
+            else:
+                await self.app(scope, receive, send)  # (send untouched: streamed chunks pay nothing)
             return
-        seen, started = 0, False
+        seen = 0
 
-        async def limited() -> Message:
+        async def limited() -> Message:  # a chunked body: counted as it is read
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -48,16 +51,10 @@ class BodyLimitMiddleware:
                     raise _TooLarge(self.max_bytes)
             return message
 
-        async def send_watch(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, limited, send_watch)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+            await self.app(scope, limited, send)
+        except _TooLarge:  # (an app that reads the body outside FastAPI's parsing)
+            await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps(error_body(413, _message(self.max_bytes))).encode()

@@ -93,8 +93,11 @@ class CoreLoop:
         last_stats = last_parent_check = 0.0
         stalled = False  # the last step had nothing to run (requests waiting for an adapter slot)
         while not self.stop:
-            busy = core.has_unfinished()
-            if poller.poll(0 if busy and not stalled else 1 if busy else 1000 * min(self.stats_interval * 4, 0.5)):
+            if core.has_unfinished():
+                timeout_ms = 1 if stalled else 0
+            else:
+                timeout_ms = 1000 * min(self.stats_interval * 4, 0.5)
+            if poller.poll(timeout_ms):
                 self._drain()
             out = None
             if core.has_unfinished():

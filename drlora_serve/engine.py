@@ -19,8 +19,7 @@ from drlora_serve.model_runner import ModelRunner
 from drlora_serve.output_processor import OutputProcessor
 from drlora_serve.preprocess import prepare
 from drlora_serve.structured import GrammarValidator
-from drlora_serve.types import (AdapterInfo, CompletionOutput, EngineStats, InvalidRequestError, RequestOutput,
-                                SamplingParams)
+from drlora_serve.types import AdapterInfo, EngineStats, InvalidRequestError, RequestOutput, SamplingParams
 
 
 def load_tokenizer(model_dir: Path):
@@ -91,14 +90,10 @@ class LLMEngine:
         outs = []
         for req in touched:
             if req.error is not None:  # failed while running: its final output says why
-                outs.append(self._failed_output(req))
+                outs.append(self.processor.failed_output(req))
             elif (req.finished or req.params.output_kind != "final") and (o := self.processor.output(req)) is not None:
                 outs.append(o)
         return outs
-
-    def _failed_output(self, req) -> RequestOutput:
-        outs = [CompletionOutput(st.index, "".join(st.parts), st.token_ids, st.finish_reason) for st in req.seqs]
-        return RequestOutput(req.request_id, req.prompt_token_ids, outs, True, req.adapter, error=req.error)
 
     # ------------------------------------------------------------------ adapters & stats
     def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:

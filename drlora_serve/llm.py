@@ -13,6 +13,7 @@ from pathlib import Path
 
 from drlora_serve.config import EngineArgs
 from drlora_serve.engine import LLMEngine
+from drlora_serve.preprocess import chat_prompt_ids
 from drlora_serve.types import AdapterInfo, RequestOutput, SamplingParams
 
 
@@ -83,10 +84,7 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use generate()")
-        kw = {"tools": tools} if tools else {}
-        render = self.tokenizer.apply_chat_template
-        texts = [render(c, tokenize=False, add_generation_prompt=add_generation_prompt, **kw) for c in convs]
-        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        ids = [chat_prompt_ids(self.tokenizer, c, add_generation_prompt, tools) for c in convs]
         return self.generate(ids, sampling_params, adapter)
 
     def _prompt_ids(self, p: Prompt) -> list[int]:

@@ -244,6 +244,12 @@ class OutputProcessor:
             self.requests.pop(req.request_id, None)
 
     # ------------------------------------------------------------------ outputs
+    def failed_output(self, req: RequestState) -> RequestOutput:
+        """The final output of a request that failed while running (LLMEngine; AsyncLLM raises
+        the error instead): what its sequences had, and the error."""
+        outs = [CompletionOutput(st.index, "".join(st.parts), st.token_ids, st.finish_reason) for st in req.seqs]
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, True, req.adapter, error=req.error)
+
     def output(self, req: RequestState, kind: str | None = None) -> RequestOutput | None:
         """The request's output of the given kind now (None: nothing to hand out)."""
         kind = kind or req.params.output_kind

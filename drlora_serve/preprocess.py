@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from drlora_serve.structured import GrammarValidator
-from drlora_serve.types import SamplingParams
+from drlora_serve.types import InvalidRequestError, SamplingParams
 
 
 def truncate_prompt(ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
@@ -17,6 +17,20 @@ def truncate_prompt(ids: list[int], params: SamplingParams, max_model_len: int) 
         return ids
     k = max_model_len if k == -1 else k
     return ids[-k:] if len(ids) > k else ids
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+    """A conversation as prompt token ids (the server's /v1/chat/completions and LLM.chat): the
+    chat template renders text, its special tokens spelled out, which is then encoded without
+    adding special tokens again. A template that raises is an InvalidRequestError."""
+    kw = {"tools": tools} if tools else {}
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kw)
+    except Exception as exc:  # noqa: BLE001 - a template may raise on messages it does not accept
+        raise InvalidRequestError(f"The chat template refused the messages: {exc}", "messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:

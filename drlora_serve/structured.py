@@ -34,6 +34,7 @@ Legend: Nc constrained rows, W32 = ceil(V / 32) 32-bit words per mask, V vocab.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -180,7 +181,10 @@ class GrammarValidator:
         return text
 
 
-_BYTES_TOKENIZER = None
+@functools.cache
+def _bytes_tokenizer():
+    llg = _llg()
+    return llg.LLTokenizer(llg.TokenizerWrapper(_Bytes()))
 
 
 def _matches_nothing(llg, text: str) -> bool:
@@ -188,10 +192,7 @@ def _matches_nothing(llg, text: str) -> bool:
     only recurses, a cycle of `$ref`s. Asked of a matcher over the 256 bytes (a ~1 ms compile,
     independent of the model's tokenizer): its first mask finds nothing to allow and leaves it
     in its error state. (Served as is, such a grammar would allow only the end, at once.)"""
-    global _BYTES_TOKENIZER
-    if _BYTES_TOKENIZER is None:
-        _BYTES_TOKENIZER = llg.LLTokenizer(llg.TokenizerWrapper(_Bytes()))
-    m = llg.LLMatcher(_BYTES_TOKENIZER, text, log_level=0)
+    m = llg.LLMatcher(_bytes_tokenizer(), text, log_level=0)
     if m.is_error():  # (a grammar naming the model's special tokens, say): not for this check
         return False
     m.compute_bitmask()

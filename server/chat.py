@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from drlora_serve.preprocess import chat_prompt_ids
 from drlora_serve.types import RequestOutput, TokenLogprob
 from server import generation as g
 from server import tools as T
@@ -28,17 +29,9 @@ async def render(state: ServerState, req: ChatCompletionRequest) -> list[int]:
         raise bad_request("This model has no chat template; use /v1/completions", "messages")
     messages = [_message(m) for m in req.messages]
     g.check_text(state, sum(len(m["content"]) for m in messages), "messages", "messages")
-    kw = {"tools": [t.model_dump(exclude_none=True) for t in req.tools]} if req.tools else {}
-
-    def work() -> list[int]:
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False,
-                                           add_generation_prompt=req.add_generation_prompt, **kw)
-        except Exception as exc:  # a template may raise on messages it does not accept
-            raise bad_request(f"The chat template refused the messages: {exc}", "messages") from None
-        return tok.encode(text, add_special_tokens=False)
-
-    return await g.off_loop(work, sum(len(m["content"]) for m in messages))
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    return await g.off_loop(lambda: chat_prompt_ids(tok, messages, req.add_generation_prompt, tools),
+                            sum(len(m["content"]) for m in messages))
 
 
 def _message(m) -> dict:

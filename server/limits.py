@@ -5,9 +5,8 @@ memory; the connection is closed after the 413. Other requests are not affected.
 
 from __future__ import annotations
 
-import json
-
 from fastapi import HTTPException
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_body
@@ -36,7 +35,7 @@ class BodyLimitMiddleware:
         length = next((v for k, v in scope.get("headers") or () if k == b"content-length"), None)
         if length is not None:  # (the server holds a body to its Content-Length: nothing to count)
             if length.isdigit() and int(length) > self.max_bytes:
-                await self._refuse(send)
+                await self._refuse(scope, receive, send)
             else:
                 await self.app(scope, receive, send)  # (send untouched: streamed chunks pay nothing)
             return
@@ -54,11 +53,9 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:  # (an app that reads the body outside FastAPI's parsing)
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(error_body(413, _message(self.max_bytes))).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(error_body(413, _message(self.max_bytes)), status_code=413,
+                                headers={"connection": "close"})  # (the rest of the body is never read)
+        await response(scope, receive, send)

@@ -5,23 +5,39 @@ computed are registered under a chain hash of (parent hash, adapter identity, to
 the KV depends on every earlier token and on the adapter (its q/k/v LoRA and the residual
 stream its experts produced), so two requests share a block only if both agree. Freed blocks
 keep their hash and stay matchable until reused (evicted oldest first).
+
+The chain hash is SHA-256 (as vLLM's default since its CVE-2025-25183), not Python's `hash()`:
+a block's identity rests on its parent's hash alone, so a collision anywhere in a chain would
+hand one request another's KV, and Python's 64-bit integer and tuple hashes are neither
+randomised nor hard to collide. Hashing costs ~1 us a block, once, when the block fills.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from drlora_serve.sequence import Sequence
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "key")
+    __slots__ = ("block_id", "ref_count", "hash")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
-        self.key: tuple | None = None  # full key, compared on a hit (no collision can leak KV)
+        self.hash: bytes | None = None  # chain hash of a full block whose KV is (being) written
+
+
+_ROOT = hashlib.sha256(b"drlora prefix cache").digest()  # the parent of a sequence's first block
+
+
+def chain_hash(parent: bytes | None, adapter_uid: int | None, tokens: list[int]) -> bytes:
+    """SHA-256 of (parent hash, adapter identity, token ids), each field of fixed width so
+    that no two inputs encode alike."""
+    adapter = b"\0" * 9 if adapter_uid is None else b"\1" + adapter_uid.to_bytes(8, "little", signed=True)
+    return hashlib.sha256((parent or _ROOT) + adapter + array("q", tokens).tobytes()).digest()
 
 
 class BlockManager:
@@ -31,7 +47,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[bytes, int] = {}  # chain hash -> block id
         self.num_cache_hits = 0  # tokens
 
     # ------------------------------------------------------------------ queries
@@ -49,9 +65,9 @@ class BlockManager:
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
         return max(0, self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))
 
-    def _key(self, seq: Sequence, i: int, parent: int | None) -> tuple:
+    def _hash(self, seq: Sequence, i: int, parent: bytes | None) -> bytes:
         bs = self.block_size
-        return (parent, seq.adapter_key, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+        return chain_hash(parent, seq.adapter_key, seq.token_ids[i * bs:(i + 1) * bs])
 
     def find_cached(self, seq: Sequence) -> list[int]:
         """Leading full blocks of seq already in the cache (at most num_tokens - 1 tokens, so
@@ -61,10 +77,9 @@ class BlockManager:
             return []
         hits, parent = [], None
         for i in range((seq.num_tokens - 1) // self.block_size):
-            key = self._key(seq, i, parent)
-            h = hash(key)
+            h = self._hash(seq, i, parent)
             bid = self.cached.get(h)
-            if bid is None or self.blocks[bid].key != key:
+            if bid is None:
                 break
             hits.append(bid)
             parent = h
@@ -106,7 +121,7 @@ class BlockManager:
             if blk.hash is not None:
                 if self.cached.get(blk.hash) == bid:
                     del self.cached[blk.hash]
-                blk.hash = blk.key = None
+                blk.hash = None
             blk.ref_count = 1
             seq.block_table.append(bid)
 
@@ -133,10 +148,9 @@ class BlockManager:
         parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
         for i in range(seq.num_hashed_blocks, full):
             blk = self.blocks[seq.block_table[i]]
-            key = self._key(seq, i, parent)
-            h = hash(key)
+            h = self._hash(seq, i, parent)
             if blk.hash is None:
-                blk.hash, blk.key = h, key
+                blk.hash = h
                 self.cached.setdefault(h, blk.block_id)
             parent = blk.hash
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)

@@ -29,7 +29,7 @@ from drlora_serve.types import CompletionOutput, RequestOutput, SamplingParams, 
 
 class SeqState:
     __slots__ = ("index", "token_ids", "logprobs", "detok", "parts", "pending", "n_detok", "finish_reason",
-                 "sent_tokens", "sent_parts", "finish_sent")
+                 "stop_reason", "sent_tokens", "sent_parts", "finish_sent")
 
     def __init__(self, index: int, detok: IncrementalDetokenizer | None, logprobs: bool):
         self.index = index
@@ -40,6 +40,7 @@ class SeqState:
         self.pending = ""  # text held back (a stop string may start in it)
         self.n_detok = 0  # tokens whose text is in parts + pending
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None  # the stop string or stop token id that ended it (vLLM)
         self.sent_tokens = 0  # delta outputs: tokens and text parts already handed out
         self.sent_parts = 0
         self.finish_sent = False
@@ -214,6 +215,7 @@ class OutputProcessor:
             hit = min(((i, s) for s in stops if s and (i := pending.find(s, start)) >= 0), default=None)
             if hit is not None:
                 i, s = hit
+                st.stop_reason = s
                 st.pending = ""
                 st.parts.append(pending[:i + len(s)] if req.params.include_stop_str_in_output else pending[:i])
                 return True
@@ -228,6 +230,9 @@ class OutputProcessor:
         if st.finish_reason is not None:
             return
         st.finish_reason = reason
+        if reason == "stop" and st.stop_reason is None and st.token_ids \
+                and st.token_ids[-1] in req.params.stop_token_ids:  # eos is not a stop reason (vLLM)
+            st.stop_reason = st.token_ids[-1]
         if reason != "stop" or st.pending or not req.params.stop:  # not cut at a stop string
             ids = st.token_ids
             if ids and ids[-1] in req.stop_ids and reason == "stop" and not req.params.include_stop_str_in_output:
@@ -266,7 +271,8 @@ class OutputProcessor:
                 if not new_tokens and not new_parts and not finishing:
                     continue
                 lps = st.logprobs[st.sent_tokens:] if st.logprobs is not None else None
-                outs.append(CompletionOutput(st.index, "".join(new_parts), new_tokens, st.finish_reason, lps))
+                outs.append(CompletionOutput(st.index, "".join(new_parts), new_tokens, st.finish_reason, lps,
+                                             st.stop_reason))
                 st.sent_tokens, st.sent_parts = len(st.token_ids), len(st.parts)
                 st.finish_sent = st.finish_reason is not None
             plp = None
@@ -283,7 +289,7 @@ class OutputProcessor:
                 st.parts = [text]  # keep joins cheap for the next snapshot
             ids = list(st.token_ids) if copy else st.token_ids
             lps = (list(st.logprobs) if copy else st.logprobs) if st.logprobs is not None else None
-            outs.append(CompletionOutput(st.index, text, ids, st.finish_reason, lps))
+            outs.append(CompletionOutput(st.index, text, ids, st.finish_reason, lps, st.stop_reason))
         plp = req.prompt_logprobs
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, req.adapter,
                              list(plp) if copy and plp is not None else plp)

@@ -89,8 +89,13 @@ class Scheduler:
         for s in self.running:
             if s.num_computed_tokens < s.num_tokens - 1:
                 prefilling.append(s)
-            elif s.num_tokens < s.max_tokens_total:  # else: its last token is in flight
+            elif s.num_tokens < s.max_tokens_total:
                 decodes.append(s)
+            elif s.num_computed_tokens < s.num_tokens == s.num_prompt_tokens:
+                # samples nothing (max_tokens 0, or a prompt that fills the context) and a chunk
+                # stopped one short of its prompt: the last prompt token ends it
+                prefilling.append(s)
+            # else: its last sampled token is in flight
         budget = self.max_tokens
         # fast path (the steady state): every decode fits in the budget and the free blocks
         need = [s for s in decodes if s.num_computed_tokens >= len(s.block_table) * bs]

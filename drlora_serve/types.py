@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 
 class InvalidRequestError(ValueError):
@@ -25,6 +28,9 @@ class AdapterNotFoundError(KeyError):
 
 
 OUTPUT_KINDS = ("cumulative", "delta", "final")
+# the smallest temperature that samples: a smaller positive one overflows logits / T to inf
+# (NaN probabilities, arbitrary tokens), so it is raised to this, as vLLM does
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass
@@ -92,6 +98,10 @@ class SamplingParams:
             raise InvalidRequestError(f"max_tokens must be a non-negative integer, got {self.max_tokens}", "max_tokens")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            log.warning("temperature %g is below %g, which overflows the logits; raised to %g (as vLLM does)",
+                        self.temperature, MIN_TEMPERATURE, MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
         if not (0 < self.top_p <= 1):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < -1:
@@ -162,6 +172,9 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     logprobs: list[TokenLogprob] | None = None
+    # what made it "stop": the stop string, or the stop_token_ids entry; None for eos and the
+    # other reasons (vLLM's stop_reason)
+    stop_reason: int | str | None = None
 
 
 @dataclass

@@ -103,7 +103,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
         calls = T.tool_calls(req, o.text) if tool is not None and finish == "stop" else None
         if calls is not None:  # (an output cut by max_tokens stays text, finish_reason "length")
             message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
-        choices.append({"index": o.index, "message": message, "logprobs": lp, "finish_reason": finish})
+        choices.append({"index": o.index, "message": message, "logprobs": lp, "finish_reason": finish,
+                        "stop_reason": o.stop_reason})
     body = {"id": rid, "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": choices, "usage": _usage(ids, out)}
     if req.prompt_logprobs is not None:
@@ -151,7 +152,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
                     delta = {"tool_calls": entries} if entries else {}
                     if finish == "stop" and T.tool_calls(req, cs.text) is not None:
                         finish = "tool_calls"
-                yield chunk([{"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+                yield chunk([{"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish,
+                              "stop_reason": o.stop_reason}],
                             usage() if opts and opts.include_usage and opts.continuous_usage_stats else None)
         if opts and opts.include_usage:
             yield chunk([], usage())

@@ -97,7 +97,8 @@ def _choice(state: ServerState, req: CompletionRequest, p: Prompt, out: RequestO
             logprobs = lb.build(o.token_ids, o.logprobs)
     if req.echo:
         text = _echo_text(state, p) + text
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason,
+              "stop_reason": o.stop_reason}
     if req.prompt_logprobs is not None:
         choice["prompt_logprobs"] = g.prompt_logprobs_json(state, out.prompt_logprobs, req.prompt_logprobs)
     return choice
@@ -154,7 +155,7 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
         return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
 
     def render(i: int, idx: int, deltas: list[CompletionOutput]) -> str | None:
-        text, logprobs, finish = "", None, None
+        text, logprobs, finish, stop_reason = "", None, None, None
         if idx not in builders:  # first chunk of this choice
             builders[idx] = lb = LogprobsBuilder(state)
             if req.echo:
@@ -168,10 +169,12 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
                 lp = builders[idx].build(o.token_ids, o.logprobs)
                 logprobs = lp if logprobs is None else {k: logprobs[k] + lp[k] for k in lp}
             finish = o.finish_reason or finish
+            stop_reason = o.stop_reason if o.stop_reason is not None else stop_reason
         if not text and not any(o.token_ids for o in deltas) and finish is None:
             return None
         chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                 "choices": [{"index": idx, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+                 "choices": [{"index": idx, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                              "stop_reason": stop_reason}]}
         if opts and opts.include_usage and opts.continuous_usage_stats:
             chunk["usage"] = usage()
         return f"data: {json.dumps(chunk)}\n\n"

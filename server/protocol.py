@@ -371,6 +371,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id (vLLM)
 
 
 class CompletionResponse(BaseModel):
@@ -413,6 +414,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id (vLLM)
 
 
 class ChatCompletionResponse(BaseModel):

@@ -62,6 +62,18 @@ def test_prefix_cache_hits_and_adapter_identity(engine, tokenizer):
     assert engine.blocks.num_cache_hits == hits  # another adapter never reuses a's KV
 
 
+def test_prefix_cache_chain_hash_fields_never_alias():
+    """SHA-256 over fixed-width fields (Python's hash() of the chain was collidable): each of
+    parent, adapter and tokens changes the hash, and no field's bytes can pass for another's."""
+    from drlora_serve.block_manager import chain_hash
+    h = chain_hash(None, None, [1, 2, 3, 4])
+    assert len(h) == 32 and h == chain_hash(None, None, [1, 2, 3, 4])
+    variants = [chain_hash(None, 0, [1, 2, 3, 4]), chain_hash(None, -1, [1, 2, 3, 4]), chain_hash(h, None, [1, 2, 3, 4]),
+                chain_hash(None, None, [1, 2, 3, 5]), chain_hash(None, None, [1, 2, 3, 4 + 2**32]),
+                chain_hash(None, None, [1, 2, 3])]
+    assert len({h, *variants}) == 1 + len(variants)
+
+
 def test_no_block_leak_after_random_requests(engine, tokenizer):
     rng = random.Random(0)
     names = [None, "a", "b", "c"]
@@ -106,19 +118,20 @@ def test_stop_strings_tokens_and_n(engine, tokenizer):
     full = engine_text = None
     engine.add_request("t0", toks, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     full = run_all(engine)["t0"].outputs[0]
-    assert full.finish_reason == "length" and len(full.token_ids) == 12
+    assert full.finish_reason == "length" and len(full.token_ids) == 12 and full.stop_reason is None
     engine_text = full.text
     assert engine_text == tokenizer.decode(full.token_ids, skip_special_tokens=True)
     stop = engine_text[len(engine_text) // 2:len(engine_text) // 2 + 2]
     if stop.strip():
         engine.add_request("t1", toks, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))
         out = run_all(engine)["t1"].outputs[0]
-        assert out.finish_reason == "stop"
+        assert out.finish_reason == "stop" and out.stop_reason == stop  # vLLM's stop_reason: the string
         assert out.text == engine_text[:engine_text.index(stop)]
     # a stop token id: included in token ids, finish "stop"
     engine.add_request("t2", toks, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[full.token_ids[3]]))
     out = run_all(engine)["t2"].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:full.token_ids.index(full.token_ids[3]) + 1]
+    assert out.stop_reason == full.token_ids[3]  # ... or the token id
     # n > 1: independent sequences over one prompt
     engine.add_request("t3", toks, SamplingParams(max_tokens=6, temperature=1.0, n=3, seed=5))
     out = run_all(engine)["t3"]
@@ -130,6 +143,39 @@ def test_stop_strings_tokens_and_n(engine, tokenizer):
     assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"
     assert len(out.prompt_logprobs) == len(toks) and out.prompt_logprobs[0] is None
     assert all(len(p.top) == 2 for p in out.prompt_logprobs[1:])
+
+
+def test_prompt_scoring_finishes_when_a_chunk_stops_one_token_short(engine, tiny_dir, tokenizer):
+    """A request that samples nothing (max_tokens 0, or a prompt that fills the context) whose
+    prefill chunk ends one token before its prompt's end used to be scheduled never again."""
+    toks = tokenizer.encode(PROMPTS[2])[:8]
+    assert len(toks) == 8
+    engine.add_request("whole", toks, SamplingParams(max_tokens=0, prompt_logprobs=1))
+    whole = run_all(engine)["whole"]
+    short = make_engine(tiny_dir, tokenizer, max_num_batched_tokens=7, enable_prefix_caching=False, max_model_len=8)
+    short.add_request("chunked", toks, SamplingParams(max_tokens=0, prompt_logprobs=1))
+    short.add_request("fills", toks, SamplingParams(max_tokens=0))  # what max_tokens=None resolves to here
+    done = run_all(short, max_steps=50)
+    got = done["chunked"]
+    assert got.outputs[0].finish_reason == "length" and got.outputs[0].token_ids == []
+    assert [p and p.logprob for p in got.prompt_logprobs] == pytest.approx([p and p.logprob for p in whole.prompt_logprobs],
+                                                                           abs=1e-5)
+    assert done["fills"].outputs[0].token_ids == [] and done["fills"].outputs[0].finish_reason == "length"
+    assert short.blocks.num_free_blocks == short.blocks.num_blocks
+
+
+def test_tiny_positive_temperature_is_raised_as_vllm_does(engine, tokenizer):
+    """logits / 1e-44 overflows to inf (NaN probabilities, arbitrary tokens): vLLM raises any
+    temperature in (0, 1e-2) to 1e-2, and so does validate()."""
+    sp = SamplingParams(temperature=1e-44)
+    sp.validate()
+    assert sp.temperature == 1e-2
+    toks = tokenizer.encode(PROMPTS[0])
+    outs = {}
+    for t in (1e-44, 1e-2):
+        engine.add_request(f"temp{t}", toks, SamplingParams(max_tokens=8, temperature=t, seed=3, ignore_eos=True))
+        outs[t] = run_all(engine)[f"temp{t}"].outputs[0].token_ids
+    assert outs[1e-44] == outs[1e-2]
 
 
 def test_invalid_requests(engine):

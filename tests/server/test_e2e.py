@@ -118,8 +118,8 @@ def random_stops(rng: random.Random, text: str) -> list[str]:
 
 
 def test_streamed_text_equals_unstreamed_over_random_stop_sets(env):
-    """Joined stream deltas == the non-streamed text, and the same finish reasons, for random
-    stop sets, greedy and seeded sampling, completions and chat, n = 1 and 2 (issue 10.2)."""
+    """Joined stream deltas == the non-streamed text, and the same finish and stop reasons, for
+    random stop sets, greedy and seeded sampling, completions and chat, n = 1 and 2 (issue 10.2)."""
     aclient = openai.AsyncOpenAI(base_url=env["url"] + "/v1", api_key=KEY, max_retries=0)
     rng = random.Random(10)
     modes = {"greedy": dict(temperature=0), "seeded": dict(temperature=1.0, seed=3)}
@@ -134,19 +134,19 @@ def test_streamed_text_equals_unstreamed_over_random_stop_sets(env):
 
     async def unstreamed(kind, model, kw) -> list[tuple[str, str]]:
         r = await call(kind, model, kw, False)
-        return [((c.message.content if kind == "chat" else c.text), c.finish_reason)
+        return [((c.message.content if kind == "chat" else c.text), c.finish_reason, c.model_extra["stop_reason"])
                 for c in sorted(r.choices, key=lambda c: c.index)]
 
     async def streamed(kind, model, kw) -> list[tuple[str, str]]:
         text: dict[int, str] = {}
-        reason: dict[int, str] = {}
+        reason: dict[int, tuple] = {}
         async for ch in await call(kind, model, kw, True):
             for c in ch.choices:
                 piece = (c.delta.content or "") if kind == "chat" else c.text
                 text[c.index] = text.get(c.index, "") + piece
                 if c.finish_reason:
-                    reason[c.index] = c.finish_reason
-        return [(text[i], reason[i]) for i in sorted(text)]
+                    reason[c.index] = (c.finish_reason, c.model_extra["stop_reason"])
+        return [(text[i], *reason[i]) for i in sorted(text)]
 
     async def main() -> int:
         cases = [(kind, model, mode, n) for kind in ("completions", "chat") for model in ("tiny", "a1")
@@ -161,7 +161,10 @@ def test_streamed_text_equals_unstreamed_over_random_stop_sets(env):
         got = await asyncio.gather(*[f(*job) for job in jobs for f in (unstreamed, streamed)])
         for k, job in enumerate(jobs):
             assert got[2 * k + 1] == got[2 * k], job
-        return sum(r == "stop" for g in got for _, r in g)
+        for (kind, model, kw), g in zip(jobs, got[::2]):
+            for text, reason, stop_reason in g:  # a stop string ends it (eos: None)
+                assert stop_reason is None or (reason == "stop" and stop_reason in kw["stop"]), (kw, g)
+        return sum(s is not None for g in got for _, _, s in g)
 
     stopped = asyncio.run(main())
     assert stopped > 10  # the stop sets did cut some outputs

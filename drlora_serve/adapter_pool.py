@@ -23,6 +23,8 @@ from pathlib import Path
 
 from drlora.adapter_format import (
     Adapter,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
     AdapterFormatError,
     NotAnAdapterError,
     expected_shapes,
@@ -59,13 +61,22 @@ def valid_adapter_name(name: str) -> bool:
     return bool(name.strip()) and "/" not in name and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name)
 
 
+# the files an adapter is read from (drlora's, or PEFT's converted on load): only these count
+# as the adapter changing (a README edited, a training log appended beside it, do not)
+_READ_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_config.json", "adapter_model.safetensors")
+
+
 def folder_stamp(path: str | Path) -> tuple:
-    """(name, size, mtime_ns) of each file of an adapter folder: changes when a file is rewritten."""
-    try:
-        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in Path(path).iterdir()
-                            if f.is_file() for st in (f.stat(),)))
-    except OSError:
-        return ()
+    """(name, size, mtime_ns) of each adapter file of a folder (_READ_FILES): changes when one
+    is rewritten, added or removed."""
+    stamp = []
+    for name in _READ_FILES:
+        try:
+            st = (Path(path) / name).stat()
+        except OSError:
+            continue
+        stamp.append((name, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
 
 def read_any_adapter(path: str | Path, base: MoeShape) -> Adapter:

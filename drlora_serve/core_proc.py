@@ -46,9 +46,12 @@ ADAPTER_METHODS = {"load_adapter", "unload_adapter"}
 def run_engine_core(args: EngineArgs, model_dir: str, eos_token_id: int | None, in_addr: str, out_addr: str,
                     log_level: str = "INFO") -> None:
     """Process entry point (multiprocessing, spawn)."""
-    # Ctrl-C reaches the whole process group: the API server drains its requests and then tells
-    # the core to stop (or the core sees its parent gone), so the core ignores SIGINT itself
+    # Ctrl-C, and a service manager's SIGTERM to the process group (systemd's default
+    # KillMode, supervisord's stopasgroup, `kill -- -PGID`), reach the core too: the API server
+    # drains its requests and then tells the core to stop (or the core sees its parent gone),
+    # so the core ignores both itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 2) - 1))

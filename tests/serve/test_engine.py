@@ -346,8 +346,14 @@ def test_adapter_rewritten_on_disk_after_leaving_host_memory(tiny_dir, tiny_shap
     eng = make_engine(tiny_dir, tokenizer, adapters_dir=str(tmp_path / "ads"), max_loras=1, max_cpu_loras=1)
     toks = tokenizer.encode(PROMPTS[1])
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    together(eng, [("y0", toks, "y")], sp)
+    ref_y = together(eng, [("y0", toks, "y")], sp)["y0"]
     ref_x = together(eng, [("x0", toks, "x")], sp)["x0"]  # x in host memory, y dropped from it
+    assert eng.pool.current["y"].adapter is None
+    # files beside the adapter's own (a README edited, a training log) are not a change
+    (tmp_path / "ads" / "y" / "NOTES.md").write_text("edited")
+    (tmp_path / "ads" / "y" / "train_log.jsonl").write_text("{}\n")
+    assert together(eng, [("y00", toks, "y")], sp)["y00"] == ref_y
+    together(eng, [("x00", toks, "x")], sp)  # y dropped again
     assert eng.pool.current["y"].adapter is None
     for f in (tmp_path / "other").iterdir():
         shutil.copy(f, tmp_path / "ads" / "y" / f.name)

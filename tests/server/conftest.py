@@ -78,12 +78,12 @@ class ServerProcess:
     def tail(self) -> str:
         return self.log.read_text()[-3000:] if self.log and self.log.exists() else ""
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, timeout: float = 30.0, sig: int = signal.SIGINT) -> int | None:
         if self.proc.poll() is None:
             if self.group:
-                os.killpg(self.proc.pid, signal.SIGINT)
+                os.killpg(self.proc.pid, sig)
             else:
-                self.proc.send_signal(signal.SIGINT)
+                self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

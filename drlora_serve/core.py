@@ -207,8 +207,6 @@ class EngineCore:
         self.counters.num_preemptions_total += len(batch.preempted)
         launched = None
         if not batch.empty:
-            for c in batch.prefills:
-                self.counters.prompt_tokens_total += max(0, min(c.start + c.num_tokens, c.seq.num_prompt_tokens) - c.start)
             launched = self.runner.launch(batch)
         if self.args.async_scheduling:
             done, self.inflight = self.inflight, launched
@@ -277,11 +275,15 @@ class EngineCore:
         for seq, tok in zip(seqs, tokens):
             ids = seq.token_ids
             ids.append(tok)
+            n = len(ids)
+            if n == seq.num_prompt_tokens + 1 and seq.index == 0:
+                # vLLM's prompt_tokens: the whole prompt (cached part included), once a request, at its first token
+                self.counters.prompt_tokens_total += seq.num_prompt_tokens
             if tok in seq.stop_ids:
                 ended.append((seq, "stop"))
-            elif len(ids) >= seq.max_tokens_total:
+            elif n >= seq.max_tokens_total:
                 ended.append((seq, "length"))
-            elif caching and min(seq.num_computed_tokens, len(ids)) // bs > seq.num_hashed_blocks:
+            elif caching and min(seq.num_computed_tokens, n) // bs > seq.num_hashed_blocks:
                 self.blocks.commit(seq)
         if res.logprob is not None:
             lps = []
@@ -296,6 +298,8 @@ class EngineCore:
             else:
                 self._finish(seq, reason)
         for seq in step.end_seqs:  # a whole prompt computed, nothing to sample (max_tokens == 0)
+            if seq.index == 0:
+                self.counters.prompt_tokens_total += seq.num_prompt_tokens
             if not seq.is_finished:
                 self._finish(seq, "length")
         for seq in step.chunk_seqs:

@@ -49,7 +49,7 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
         state = ServerState(engine=engine, config=config, metrics=metrics)
         holder["state"] = app.state.drlora = state
         if config.adapters_dir:
-            state.watcher = AdapterWatcher(engine, config.adapters_dir, config.watch_interval)
+            state.watcher = AdapterWatcher(engine, config.adapters_dir, config.watch_interval, reserved=state.is_base)
             await state.watcher.start()
         state.ready = True
         log.info("serving %s (%d adapters) on http://%s:%d", engine.model_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from drlora.adapter_format import CONFIG_NAME, WEIGHTS_NAME
@@ -47,13 +48,17 @@ class AdapterWatcher:
     Only acts on changes, so an adapter unloaded through the API stays unloaded until its
     files change. Failures are logged and retried when the files change again. A subfolder
     (or an adapter file in it) that resolves outside `folder` is refused like the load
-    endpoint refuses it (server/confinement.py)."""
+    endpoint refuses it (server/confinement.py), and so is a folder named like the base model
+    (`reserved`: such an adapter could never be asked for). A removed folder unloads only the
+    adapter loaded from it: one replaced through the API from elsewhere since stays."""
 
     engine: EngineClient
     folder: str
     interval: float = 2.0
+    reserved: Callable[[str], bool] = lambda name: False  # names requests cannot give an adapter
     prev: dict[str, Signature | None] = field(default_factory=dict)  # last poll
     loaded: dict[str, Signature] = field(default_factory=dict)  # what we loaded
+    paths: dict[str, str] = field(default_factory=dict)  # ... and from where (resolved)
     failed: dict[str, Signature] = field(default_factory=dict)
     _task: asyncio.Task | None = None
 
@@ -81,6 +86,8 @@ class AdapterWatcher:
             try:  # the endpoint's rule, with the watched folder as the only root
                 if not _is_text(name):
                     raise OutsideRootsError("its name is not valid UTF-8")
+                if self.reserved(name):
+                    raise OutsideRootsError("that name is the base model's (requests naming it get the base model)")
                 path = confine(os.path.join(self.folder, name), [os.path.realpath(self.folder)])
             except OutsideRootsError as exc:
                 log.warning("not loading adapter folder %r: %s", name, exc)
@@ -88,7 +95,7 @@ class AdapterWatcher:
                 continue
             if name in engine_has and name not in self.loaded:
                 if os.path.realpath(engine_has[name]) == path and initial:
-                    self.loaded[name] = sig  # loaded by the engine at startup
+                    self.loaded[name], self.paths[name] = sig, path  # loaded by the engine at startup
                     continue
                 if os.path.realpath(engine_has[name]) != path:
                     log.warning("not loading %s: an adapter of that name is already loaded from %s",
@@ -100,6 +107,11 @@ class AdapterWatcher:
             if name not in current:
                 del self.loaded[name]
                 self.failed.pop(name, None)
+                ours = self.paths.pop(name, None)
+                if name in engine_has and os.path.realpath(engine_has[name]) != ours:
+                    log.info("folder %s removed; adapter %s stays (it was replaced from %s)", name, name,
+                             engine_has[name])
+                    continue
                 try:
                     await self.engine.unload_adapter(name)
                     log.info("unloaded adapter %s (folder removed)", name)
@@ -113,11 +125,11 @@ class AdapterWatcher:
         try:
             await self.engine.load_adapter(name, path, replace=replace)
         except Exception as exc:  # noqa: BLE001 - never fatal
-            log.warning("loading adapter %s from %s failed: %s", name, path, exc)
+            log.warning("loading adapter %r from %s failed: %s", name, path, exc)
             self.failed[name] = sig
             return
         self.failed.pop(name, None)
-        self.loaded[name] = sig
+        self.loaded[name], self.paths[name] = sig, path
         log.info("%s adapter %s from %s", "reloaded" if replace else "loaded", name, path)
 
     async def _run(self) -> None:

@@ -53,10 +53,14 @@ def test_batching_and_preemption_change_nothing(engine, tiny_dir, tokenizer, ada
 
 def test_prefix_cache_hits_and_adapter_identity(engine, tokenizer):
     toks = tokenizer.encode(PROMPTS[3])
+    counted = engine.stats().prompt_tokens_total
     first = together(engine, [("p1", toks, "a")])
     hits = engine.blocks.num_cache_hits
     assert together(engine, [("p2", toks, "a")]) == {"p2": first["p1"]}
     assert engine.blocks.num_cache_hits > hits  # same prompt, same adapter: reused
+    together(engine, [("p1tok", toks[:1], None)])
+    # vLLM's prompt_tokens counts whole prompts, cached tokens and one-token prompts included
+    assert engine.stats().prompt_tokens_total - counted == 2 * len(toks) + 1
     hits = engine.blocks.num_cache_hits
     together(engine, [("p3", toks, "b")])
     assert engine.blocks.num_cache_hits == hits  # another adapter never reuses a's KV

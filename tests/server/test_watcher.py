@@ -113,3 +113,36 @@ def test_watcher_is_confined_like_the_load_endpoint(tokenizer, tmp_path, caplog)
             resolve_lora_path(str(root / name), [str(root)])
         assert e.value.status == 400
     assert resolve_lora_path(str(root / "alias"), [str(root)]) == str(root / ".staging" / "ok")
+
+
+def test_watcher_skips_the_base_name_and_leaves_api_replacements(tokenizer, tmp_path, caplog):
+    """A folder named like the base model is not loaded (requests naming it get the base, so
+    the adapter could never be used; the load endpoint refuses that name too). A removed folder
+    unloads only the adapter the watcher loaded from it, not one replaced through the API from
+    another folder since."""
+    import logging
+
+    engine = FakeEngine(tokenizer)
+    w = AdapterWatcher(engine, str(tmp_path / "watched"), interval=0.05, reserved=lambda n: n in ("tiny", "base"))
+
+    async def scenario():
+        make_adapter(tmp_path / "watched" / "tiny", seed=1)
+        make_adapter(tmp_path / "watched" / "x", seed=2)
+        make_adapter(tmp_path / "elsewhere" / "x", seed=3)
+        with caplog.at_level(logging.WARNING, logger="drlora.server.watcher"):
+            await w.poll(initial=True)
+        assert set(engine.adapters) == {"x"} and "base model" in caplog.text
+        await engine.load_adapter("x", str(tmp_path / "elsewhere" / "x"), replace=True)  # through the API
+        shutil.rmtree(tmp_path / "watched" / "x")
+        await w.poll()
+        assert engine.adapters["x"].path == str(tmp_path / "elsewhere" / "x")
+        # the ordinary case still unloads
+        make_adapter(tmp_path / "watched" / "y", seed=4)
+        await w.poll()
+        await w.poll()
+        assert "y" in engine.adapters
+        shutil.rmtree(tmp_path / "watched" / "y")
+        await w.poll()
+        assert "y" not in engine.adapters
+
+    asyncio.run(scenario())

@@ -15,6 +15,7 @@ fail and `dead` is set (the server's /health then fails).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -48,13 +49,19 @@ from drlora_serve.protocol import (
     input_codec,
     output_codec,
 )
-from drlora_serve.types import AdapterInfo, AdapterNotFoundError, EngineStats, InvalidRequestError, SamplingParams
+from drlora_serve.types import (
+    AdapterInfo,
+    AdapterNotFoundError,
+    EngineDeadError,
+    EngineStats,
+    EngineUnavailableError,
+    InvalidRequestError,
+    SamplingParams,
+)
+
+__all__ = ["AsyncLLM", "EngineDeadError"]
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core process is gone."""
 
 
 class AsyncLLM:
@@ -107,6 +114,7 @@ class AsyncLLM:
                                 args=(self.args, str(self.model_dir), self.eos_token_id, in_addr, out_addr,
                                       self.log_level))
         self._proc.start()
+        atexit.register(self._kill_core)
         while True:  # loading the model may take minutes: wait as long as the process lives
             if await self._out.poll(500):
                 msg = self._dec.decode(await self._out.recv())
@@ -138,7 +146,17 @@ class AsyncLLM:
             self._send(Shutdown())
         await self._stop_process()
 
+    def _kill_core(self) -> None:
+        """At interpreter exit, if the core still runs (the frontend ends without shutdown()):
+        the core ignores SIGTERM (core_proc.py), so multiprocessing's own exit handler, which
+        terminates daemon children and then joins them, would wait for it forever."""
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
     async def _stop_process(self) -> None:
+        atexit.unregister(self._kill_core)
         proc = self._proc
         if proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, proc.join, 10)
@@ -159,8 +177,10 @@ class AsyncLLM:
     # ------------------------------------------------------------------ requests
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                  adapter: str | None = None):
-        if not self._accepting or self.dead:
-            raise InvalidRequestError("the engine is shutting down" if not self.dead else "the engine core is dead")
+        if self.dead:
+            raise EngineDeadError("the engine core is dead")
+        if not self._accepting:
+            raise EngineUnavailableError("the engine is shutting down")
         info = self.info
         params, prompt_token_ids = prepare(params, list(prompt_token_ids), self.tokenizer, info.vocab_size,
                                            info.max_model_len, self.grammars)
@@ -269,14 +289,22 @@ class AsyncLLM:
         log.error("%s; failing requests in flight", why)
         self.dead = True
         err = EngineDeadError(why)
-        for req in list(self.processor.requests.values()):
-            self.processor.fail(req, err)
-            if req.event is not None:
-                req.event.set()
+        self.fail_all(err)
         for fut in self._calls.values():
             if not fut.done():
                 fut.set_exception(err)
         self._calls.clear()
+
+    def fail_all(self, exc: Exception) -> None:
+        """Fail every request in flight with exc (their consumers raise it) and abort them in
+        the core: the server's shutdown deadline, or the core's death."""
+        reqs = list(self.processor.requests.values())
+        for req in reqs:
+            self.processor.fail(req, exc)
+            if req.event is not None:
+                req.event.set()
+        if reqs and not self.dead and self._ctx is not None:
+            self._send(Abort([r.request_id for r in reqs]))
 
     # ------------------------------------------------------------------ adapters & stats
     async def _call(self, method: str, *args):
@@ -296,6 +324,10 @@ class AsyncLLM:
         return AdapterInfo(**await self._call("load_adapter", name, path, replace))
 
     async def unload_adapter(self, name: str) -> None:
+        # gone for new requests from now on: the core applies messages in order, so a request
+        # sent before runs on the adapter, and one after would only fail there (a stream already
+        # answered 200)
+        self._adapters = [a for a in self._adapters if a.name != name]
         await self._call("unload_adapter", name)
 
     async def compact_adapters(self) -> int:

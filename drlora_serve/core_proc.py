@@ -65,7 +65,7 @@ def run_engine_core(args: EngineArgs, model_dir: str, eos_token_id: int | None, 
     try:
         core = EngineCore(args, Path(model_dir), eos_token_id=eos_token_id)
     except BaseException as exc:  # noqa: BLE001 - reported to the frontend, which fails its start
-        log.exception("engine core failed to start")
+        log.debug("engine core failed to start", exc_info=True)  # the frontend logs the one-line reason
         out.send(enc.encode(CoreFailed(f"{type(exc).__name__}: {exc}")))
         out.close()
         ctx.term()

@@ -20,6 +20,14 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+class EngineUnavailableError(RuntimeError):
+    """The engine takes no requests: it is shutting down, or its core process is gone (HTTP 503)."""
+
+
+class EngineDeadError(EngineUnavailableError):
+    """The engine core process is gone."""
+
+
 class AdapterNotFoundError(KeyError):
     """A request names an adapter that is not registered: HTTP 404."""
 
@@ -285,6 +293,10 @@ class EngineClient(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+    def fail_all(self, exc: Exception) -> None:
+        """Fail every request in flight with exc (the server's shutdown deadline)."""
+        ...
+
     def list_adapters(self) -> list[AdapterInfo]: ...
 
     async def load_adapter(self, name: str, path: str, replace: bool = False) -> AdapterInfo:

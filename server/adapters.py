@@ -11,7 +11,7 @@ from fastapi.responses import PlainTextResponse
 from drlora.adapter_format import CONFIG_NAME, AdapterFormatError, is_adapter_dir
 from drlora.peft import PEFT_CONFIG
 from drlora_serve.adapter_pool import valid_adapter_name
-from drlora_serve.types import AdapterNotFoundError, EngineClient
+from drlora_serve.types import AdapterNotFoundError, EngineClient, EngineUnavailableError
 from server.confinement import OutsideRootsError, confine
 from server.errors import APIError, bad_request, from_exception
 from server.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
@@ -63,7 +63,7 @@ async def load_lora_adapter(req: LoadLoraAdapterRequest, request: Request) -> Pl
                        "lora_path")
     try:
         await state.engine.load_adapter(name, path, replace=exists)
-    except (AdapterFormatError, AdapterNotFoundError) as exc:
+    except (AdapterFormatError, AdapterNotFoundError, EngineUnavailableError) as exc:
         raise from_exception(exc) from None
     except Exception as exc:  # noqa: BLE001 - a failed load never takes the server down
         log.warning("loading adapter %s from %s failed: %s", name, path, exc, exc_info=True)

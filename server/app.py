@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from drlora_serve.types import EngineClient
+from drlora_serve.types import EngineClient, EngineUnavailableError
 from server import adapters, chat, completions
 from server.watcher import AdapterWatcher
 from server.auth import ApiKeyMiddleware
@@ -21,15 +21,16 @@ from server.errors import install_handlers, model_not_found
 from server.limits import BodyLimitMiddleware
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import ErrorResponse, ModelCard, ModelList
-from server.state import ServerConfig, ServerState, get_state
+from server.state import Lifecycle, ServerConfig, ServerState, get_state
 
 log = logging.getLogger("drlora.server")
 EngineFactory = Callable[[], EngineClient | Awaitable[EngineClient]]
 
 
-def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
-    """`engine_factory` builds the engine inside the lifespan (model loading happens after
-    uvicorn has bound the port, and in the server's event loop)."""
+def build_app(engine_factory: EngineFactory, config: ServerConfig, lifecycle: Lifecycle | None = None) -> FastAPI:
+    """`engine_factory` builds the engine inside the lifespan, in the server's event loop. With
+    a `lifecycle` (the CLI's) the engine starts in the background, after uvicorn has opened the
+    port, and the app watches for the core's death and the shutdown deadline (Lifecycle)."""
     holder: dict[str, ServerState] = {}
 
     def current_engine() -> EngineClient | None:
@@ -38,11 +39,11 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
 
     metrics = ServerMetrics(current_engine)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def start_engine(app: FastAPI) -> None:
         engine = engine_factory()
         if inspect.isawaitable(engine):
             engine = await engine
+        holder["engine"] = engine
         await engine.start()
         metrics.model_name = engine.model_name
         engine.token_timing = metrics.observe_tokens
@@ -54,19 +55,61 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig) -> FastAPI:
         state.ready = True
         log.info("serving %s (%d adapters) on http://%s:%d", engine.model_name,
                  len(engine.list_adapters()), config.host, config.port)
+
+    async def start_in_background(app: FastAPI, lc: Lifecycle) -> None:
+        try:
+            await start_engine(app)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line, then the server stops with status 1
+            log.error("the engine failed to start: %s", exc)
+            log.debug("the engine failed to start", exc_info=exc)
+            lc.exit(1)
+
+    async def watch(lc: Lifecycle) -> None:
+        """The core's death stops the server (as vLLM's does: a supervisor restarts it); at the
+        shutdown deadline, requests still running fail with an error body."""
+        while not lc.stopping():
+            st = holder.get("state")
+            if st is not None and getattr(st.engine, "dead", False):
+                log.error("the engine core is dead; stopping the server")
+                lc.exit(1)
+                return
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(config.shutdown_timeout)
+        st = holder.get("state")
+        if st is not None and hasattr(st.engine, "fail_all"):
+            log.warning("requests still running after %.0fs: failing them", config.shutdown_timeout)
+            st.engine.fail_all(EngineUnavailableError("the server is shutting down"))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        tasks: list[asyncio.Task] = []
+        if lifecycle is None:
+            await start_engine(app)
+        else:
+            tasks = [asyncio.create_task(start_in_background(app, lifecycle)),
+                     asyncio.create_task(watch(lifecycle))]
         try:
             yield
         finally:
-            # uvicorn has stopped accepting and waited (up to --shutdown-timeout) for open
-            # requests; whatever is still running is aborted by the engine's shutdown.
-            state.ready = False
-            if state.watcher is not None:
-                await state.watcher.stop()
-            try:
-                await asyncio.wait_for(engine.shutdown(graceful=True), config.shutdown_timeout)
-            except (asyncio.TimeoutError, TimeoutError):
-                log.warning("engine did not drain in %.0fs; aborting", config.shutdown_timeout)
-                await engine.shutdown(graceful=False)
+            # uvicorn has stopped accepting and waited (up to --shutdown-timeout, then the
+            # watch above failed what was left) for open requests
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            state = holder.get("state")
+            if state is not None:
+                state.ready = False
+                if state.watcher is not None:
+                    await state.watcher.stop()
+            engine = holder.get("engine")
+            if engine is not None:  # (also one whose start was cut short)
+                try:
+                    await asyncio.wait_for(engine.shutdown(graceful=True), config.shutdown_timeout)
+                except (asyncio.TimeoutError, TimeoutError):
+                    log.warning("engine did not drain in %.0fs; aborting", config.shutdown_timeout)
+                    await engine.shutdown(graceful=False)
 
     app = FastAPI(title="drlora", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible server for per-expert-rank MoE LoRA adapters")

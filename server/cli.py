@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None, engine_factory=None) -> None:
     import uvicorn
 
     from server.app import build_app
+    from server.state import Lifecycle
 
     def make_engine():
         if engine_factory is not None:
@@ -228,9 +230,42 @@ def main(argv: list[str] | None = None, engine_factory=None) -> None:
 
         return AsyncLLM.from_args(engine_args, log_level=level)
 
-    app = build_app(make_engine, config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=level,
-                timeout_graceful_shutdown=config.shutdown_timeout, access_log=level == "debug")
+    # the port first (a port in use is a one-line error before minutes of model loading); the
+    # engine then starts behind it (Lifecycle), /health answering 503 meanwhile
+    sock = bind_socket(config.host, config.port)
+    status = 0
+
+    def exit_with(code: int) -> None:
+        nonlocal status
+        status = status or code
+        server.should_exit = True
+
+    app = build_app(make_engine, config, Lifecycle(exit=exit_with, stopping=lambda: server.should_exit))
+    # uvicorn's own deadline only backs up the app's, which fails late requests with an error body
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=level,
+                                           access_log=level == "debug",
+                                           timeout_graceful_shutdown=config.shutdown_timeout + 5))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it drained for (uvicorn.run() hides it too)
+        pass
+    if status:
+        raise SystemExit(status)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (SO_REUSEADDR, as uvicorn's); exits 2 with one line when it
+    cannot be (a port in use, an unknown host)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        print(f"drlora-serve: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

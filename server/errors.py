@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from drlora.adapter_format import AdapterFormatError, NotAnAdapterError
-from drlora_serve.types import AdapterNotFoundError, InvalidRequestError
+from drlora_serve.types import AdapterNotFoundError, EngineUnavailableError, InvalidRequestError
 
 log = logging.getLogger("drlora.server")
 
@@ -93,6 +93,8 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(404, str(exc), "lora_path")
     if isinstance(exc, (InvalidRequestError, AdapterFormatError)):
         return APIError(400, str(exc), getattr(exc, "param", None))
+    if isinstance(exc, EngineUnavailableError):  # shutting down, or the core died: retry elsewhere
+        return APIError(503, str(exc))
     log.exception("unexpected error while serving a request", exc_info=exc)
     return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
 
@@ -167,6 +169,7 @@ def install_handlers(app: FastAPI) -> None:
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(InvalidRequestError)
+    @app.exception_handler(EngineUnavailableError)
     @app.exception_handler(AdapterNotFoundError)
     @app.exception_handler(AdapterFormatError)
     async def _engine(_: Request, exc: Exception) -> JSONResponse:

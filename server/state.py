@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,19 @@ class ServerConfig:
 
     def allowed_roots(self) -> list[str]:
         return [os.path.realpath(r) for r in self.lora_roots]
+
+
+@dataclass
+class Lifecycle:
+    """What the CLI's uvicorn server lends the app (an app built without one, in tests, starts
+    its engine inside the lifespan and never asks to exit): the engine then starts in the
+    background, with the port already open (/health answers 503 until it is ready); a failed
+    start or the engine core's death stop the server with status 1; and requests still running
+    at --shutdown-timeout fail with an error body (a 503, or a stream's error event) before
+    uvicorn would cut them."""
+
+    exit: Callable[[int], None]  # ask the server to stop, then exit with this status
+    stopping: Callable[[], bool]  # the server has begun to shut down (a signal, or exit())
 
 
 @dataclass

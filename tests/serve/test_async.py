@@ -49,7 +49,15 @@ def test_async_engine_streams_aborts_and_shuts_down(tiny_dir, tokenizer, adapter
         assert info.name == "a2" and "a2" in {a.name for a in eng.list_adapters()}
         with pytest.raises(ValueError):
             await eng.load_adapter("a2", str(adapters_dir / "a"))
-        await eng.unload_adapter("a2")
+        # a request before the unload runs on the adapter; one submitted once the unload has
+        # begun is a 404 up front (never an accepted stream that the core then fails)
+        before = eng.generate(toks, sp, "u0", adapter="a2")
+        unloading = asyncio.create_task(eng.unload_adapter("a2"))
+        await asyncio.sleep(0)
+        with pytest.raises(AdapterNotFoundError):
+            eng.generate(toks, sp, "u1", adapter="a2")
+        await unloading
+        assert (await _collect(before))[-1].finished
         with pytest.raises(AdapterNotFoundError):
             await eng.unload_adapter("a2")
         assert eng.stats().requests_finished_total >= 3
@@ -166,7 +174,7 @@ def test_engine_core_death_fails_requests_in_flight(tiny_dir, tokenizer):
         with pytest.raises(EngineDeadError):
             await asyncio.wait_for(_collect(gen), 10)
         assert eng.dead
-        with pytest.raises(InvalidRequestError):
+        with pytest.raises(EngineDeadError):  # a 503, not the client's fault
             eng.generate(toks, SamplingParams(max_tokens=2), "d1")
         await eng.shutdown()
 

@@ -23,11 +23,13 @@ def _h(*parts) -> int:
 
 class FakeEngine:
     def __init__(self, tokenizer, model_name: str = "tiny", max_model_len: int = 128,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, start_delay: float = 0.0, start_error: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.delay = delay
+        self.start_delay, self.start_error = start_delay, start_error
+        self.failure: Exception | None = None  # fail_all(): running requests raise it
         self.adapters: dict[str, AdapterInfo] = {}
         self.running: set[str] = set()
         self.aborted: list[str] = []
@@ -38,7 +40,13 @@ class FakeEngine:
         self.token_timing = None
 
     async def start(self) -> None:
+        await asyncio.sleep(self.start_delay)
+        if self.start_error:
+            raise RuntimeError(self.start_error)
         self.started = True
+
+    def fail_all(self, exc: Exception) -> None:
+        self.failure = exc
 
     async def shutdown(self, graceful: bool = True) -> None:
         self.stopped = True
@@ -73,6 +81,8 @@ class FakeEngine:
                     await asyncio.sleep(self.delay)
                 else:
                     await asyncio.sleep(0)
+                if self.failure is not None:
+                    raise self.failure
                 done = i == params.max_tokens
                 for o in outs:
                     if o.finish_reason is not None:

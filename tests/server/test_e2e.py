@@ -500,3 +500,36 @@ def test_a_signal_to_the_process_group_stops_cleanly(tmp_path, sig):
             break
         assert time.monotonic() < deadline, "a process of the server's group is still running"
         time.sleep(0.1)
+
+
+def test_engine_core_death_fails_requests_and_stops_the_server(tmp_path):
+    """If the engine core process dies, a stream in flight ends with an error event, and the
+    server stops with status 1 (as vLLM's does, for a supervisor to restart it) rather than
+    living on with a dead engine, stale metrics and 4xx answers."""
+    import os
+    import signal
+    import threading
+    from pathlib import Path
+
+    s = ServerProcess(real_server_cmd(), log=tmp_path / "log.txt")
+    kids = [int(p) for p in os.popen(f"pgrep -P {s.proc.pid}").read().split()]
+    core = [p for p in kids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(core) == 1, kids
+    lines, first = [], threading.Event()
+
+    def stream():
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(30)
+    os.kill(core[0], signal.SIGKILL)
+    t.join(30)
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == 503, lines[-2:]
+    assert s.proc.wait(30) == 1, s.tail()
+    assert "the engine core is dead; stopping the server" in s.tail()

@@ -170,3 +170,89 @@ def test_dummy_load_format_resolves_an_alias_to_its_preset_without_the_hub(tmp_p
     folder = Path(cfg.model_path)
     assert folder.is_relative_to(tmp_path) and (folder / "tokenizer.json").is_file() and eargs.model == "qwen3-moe"
     assert json.loads((folder / "config.json").read_text()) == PRESETS["qwen3-moe"]
+
+
+def test_port_in_use_is_one_line_before_the_engine_starts(tmp_path):
+    """The port is bound before the model loads: a port in use is one line and status 2 at
+    once, not minutes of loading and then an error (vLLM binds first too)."""
+    import socket
+
+    from tests.server.conftest import free_port
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        t0 = time.monotonic()
+        r = subprocess.run(fake_server_cmd("--host", "127.0.0.1", "--port", str(port)), capture_output=True,
+                           text=True, timeout=120, env={**__import__("os").environ, "FAKE_START_DELAY": "30"})
+    assert r.returncode == 2 and time.monotonic() - t0 < 30, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("drlora-serve: error: cannot listen on 127.0.0.1:")
+    assert "Traceback" not in r.stderr
+
+
+def test_health_is_503_while_the_engine_starts_and_a_failed_start_exits_1(tmp_path):
+    """While the model loads the port answers: /health 503, requests 503 with an OpenAI body.
+    An engine that fails to start stops the server with status 1 and one log line."""
+    import os
+
+    from tests.server.conftest import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(fake_server_cmd("--host", "127.0.0.1", "--port", str(port)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "FAKE_START_DELAY": "4"})
+    try:
+        codes = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and 200 not in codes:
+            try:
+                codes.append(httpx.get(url + "/health", timeout=2).status_code)
+                if codes[-1] == 503:
+                    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert 503 in codes and codes[-1] == 200, codes
+    finally:
+        proc.send_signal(2)
+        proc.wait(30)
+    r = subprocess.run(fake_server_cmd("--host", "127.0.0.1", "--port", str(free_port())), capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "FAKE_START_ERROR": "no such device"})
+    assert r.returncode == 1, r.stderr
+    assert "the engine failed to start: no such device" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_requests_past_the_shutdown_deadline_fail_with_error_bodies(tmp_path):
+    """At --shutdown-timeout the requests still running fail with an OpenAI error: a 503 body,
+    or a stream's error event and [DONE] (uvicorn's own deadline would cut them with a
+    text/plain 500 or mid-chunk)."""
+    import json as _json
+    import signal
+
+    s = ServerProcess(fake_server_cmd("--shutdown-timeout", "1"), env={"FAKE_DELAY": "0.05"}, log=tmp_path / "log")
+    got: dict = {}
+
+    def plain() -> None:
+        got["plain"] = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 120}, timeout=60)
+
+    def stream() -> None:
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                          json={"prompt": "x", "max_tokens": 120, "stream": True}) as r:
+            got["lines"] = [line for line in r.iter_lines() if line]
+
+    threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    assert s.stop(sig=signal.SIGINT) == 0, s.tail()
+    assert time.monotonic() - t0 < 5
+    for t in threads:
+        t.join(30)
+    r = got["plain"]
+    assert r.status_code == 503 and r.json()["error"]["message"] == "the server is shutting down", r.text
+    lines = got["lines"]
+    assert lines[-1] == "data: [DONE]" and _json.loads(lines[-2][6:])["error"]["code"] == 503, lines[-3:]
+    assert "Traceback" not in s.tail()

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,6 +69,9 @@ class AdapterConfig:
     provenance: dict = field(default_factory=dict)
     format: str = FORMAT_ID
     format_version: int = FORMAT_VERSION
+    # random per write_adapter call, also in the weights' metadata: a reader that catches a
+    # rewrite between the two renames sees two ids and refuses ("" in adapters from before)
+    write_id: str = ""
 
     @property
     def targets(self) -> list[str]:
@@ -99,6 +104,8 @@ class AdapterConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["base_shape"] = shape_json(self.base_shape)
+        if not d["write_id"]:
+            del d["write_id"]
         return d
 
     @classmethod
@@ -247,20 +254,44 @@ def check_base(cfg: AdapterConfig, base: MoeShape) -> None:
                 f"adapter was made for {f}={getattr(a, f)} but the base model has {getattr(base, f)}")
 
 
+WRITE_ID_KEY = "drlora_write_id"  # safetensors metadata key of AdapterConfig.write_id
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` as the process umask leaves it for a new file (what open() would create)."""
+    try:  # Linux: read it without setting it (os.umask would change it for other threads a moment)
+        with open("/proc/self/status") as f:
+            mask = next(int(l.split()[1], 8) for l in f if l.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+    return mode & ~mask
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """save_file through a temporary file and a rename. safetensors creates its file 0600; the
+    temporary gets the umask's mode first, so a server running as another user can read it."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, umask_mode())
+    tmp.replace(path)
+
+
 def write_adapter(path: str | Path, cfg: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
-    """Validate and write an adapter folder (weights first, config last: a folder with a
-    config is complete)."""
+    """Validate and write an adapter folder: weights first, config last, each through a rename.
+    Both carry one fresh write id; read_adapter refuses a folder caught between the renames
+    of a rewrite (new weights, old config)."""
     path = Path(path)
     _check_config(cfg)
     _check_tensors(cfg, tensors)
     path.mkdir(parents=True, exist_ok=True)
     dt = DTYPES[cfg.dtype]
     out = {k: v.detach().to("cpu", dt).contiguous() for k, v in tensors.items()}
-    tmp = path / (WEIGHTS_NAME + ".tmp")
-    save_file(out, str(tmp), metadata={"format": FORMAT_ID, "format_version": str(FORMAT_VERSION)})
-    tmp.replace(path / WEIGHTS_NAME)
+    wid = uuid.uuid4().hex
+    save_tensors(path / WEIGHTS_NAME, out, {"format": FORMAT_ID, "format_version": str(FORMAT_VERSION),
+                                            WRITE_ID_KEY: wid})
     tmp = path / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(cfg.to_json(), indent=1))
+    tmp.write_text(json.dumps({**cfg.to_json(), "write_id": wid}, indent=1))
     tmp.replace(path / CONFIG_NAME)
     return path
 
@@ -298,6 +329,11 @@ def _read_safetensors_header(path: Path) -> dict:
         raise AdapterFormatError(f"{path.name} is not a safetensors file ({exc})") from None
 
 
+def _write_id(header: dict) -> str:
+    meta = header.get("__metadata__")
+    return str(meta.get(WRITE_ID_KEY, "")) if isinstance(meta, dict) else ""
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
@@ -330,11 +366,18 @@ def read_adapter(path: str | Path, base: MoeShape | None = None) -> Adapter:
         others = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         hint = f" (found {others[0]}: only safetensors weights are accepted)" if others else ""
         raise AdapterFormatError(f"{path} has no {WEIGHTS_NAME}{hint}")
-    _read_safetensors_header(wpath)
+    before = _write_id(_read_safetensors_header(wpath))
     try:
         tensors = load_file(str(wpath))
     except Exception as exc:
         raise AdapterFormatError(f"{WEIGHTS_NAME} could not be read ({exc})") from None
+    # every write has a fresh id, so the same id before and after load_file means load_file
+    # read that file (not one renamed in meanwhile)
+    after = _write_id(_read_safetensors_header(wpath))
+    if cfg.write_id and (before != after or (before and before != cfg.write_id)):
+        raise AdapterFormatError(
+            f"{path} is being rewritten: config and weights come from different writes "
+            f"(write ids {cfg.write_id} and {after}); read it again when the write is done")
     _check_tensors(cfg, tensors)
     return Adapter(cfg, tensors, path)
 

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from drlora.adapter_format import (DENSE_PROJS, SHARED_PROJS, AdapterConfig, AdapterFormatError, key,
-                                   read_adapter, write_adapter)
+                                   read_adapter, save_tensors, write_adapter)
 from drlora.models import MoeShape
 
 PEFT_CONFIG = "adapter_config.json"
@@ -127,13 +127,18 @@ def export_peft(adapter_dir: str | Path, out: str | Path) -> Path:
     ad = read_adapter(adapter_dir)
     config, tensors = drlora_to_peft(ad)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AdapterFormatError(f"{out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     # PEFT ignores safetensors metadata; the exact ranks there make the round trip exact even
     # for ranks whose B is still zero (which the zero-padding rule would otherwise drop)
     meta = {"format": "pt", "drlora_ranks": json.dumps(ad.config.ranks),
             "drlora_dense_ranks": json.dumps(ad.config.dense_ranks)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / PEFT_WEIGHTS), metadata=meta)
-    (out / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
+    # each file through a rename, weights first (as write_adapter), readable per the umask
+    save_tensors(out / PEFT_WEIGHTS, {k: v.contiguous() for k, v in tensors.items()}, meta)
+    tmp = out / (PEFT_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(config, indent=1))
+    tmp.replace(out / PEFT_CONFIG)
     return out
 
 

@@ -5,7 +5,8 @@
     drlora-train export --format peft ADAPTER OUT
     drlora-train import-peft PEFT_DIR OUT [--model tiny]
 
-Bad input ends with one line `drlora-train: error: ...` and exit code 2.
+Bad input ends with one line `drlora-train: error: ...` and exit code 2; a failed --push
+(after the adapter is written) with one such line and exit code 1.
 """
 
 from __future__ import annotations
@@ -131,16 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     from drlora.adapter_format import AdapterFormatError
     from drlora.models import ModelNotFoundError
     from drlora_train.data import DataError
+    from drlora_train.report import PushError
 
     try:
         return run(rest)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except (UsageError, ConfigError, DataError, AdapterFormatError, ModelNotFoundError,
-            FileNotFoundError) as exc:
+    except (UsageError, ConfigError, DataError, AdapterFormatError, ModelNotFoundError, PushError,
+            OSError) as exc:  # OSError: an unwritable or misplaced output path, ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, PushError) else 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 
 class ConfigError(ValueError):
@@ -60,9 +63,14 @@ class TrainConfig:
         """Raise ConfigError (one line) on inconsistent settings."""
         if self.method not in ("drlora", "lora", "static"):
             raise ConfigError(f"--method must be drlora, lora or static, got '{self.method}'")
-        if not (1 <= self.r_init <= self.r_target <= self.r_max):
+        if not self.output.strip():
+            raise ConfigError("--output must name a folder (got an empty path)")
+        if self.method == "lora":  # uniform r_target from the start: r_init plays no part
+            if not (1 <= self.r_target <= self.r_max):
+                raise ConfigError(f"need 1 <= r-target <= r-max, got {self.r_target}/{self.r_max}")
+        elif not (1 <= self.r_init <= self.r_target <= self.r_max):
             raise ConfigError(f"need 1 <= r-init <= r-target <= r-max, got {self.r_init}/{self.r_target}/{self.r_max}")
-        for name in ("max_steps", "batch_size", "t_grow", "max_length"):
+        for name in ("max_steps", "batch_size", "t_grow", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.t_buffer < 0 or self.checkpoint_every < 0 or self.shared_rank < 0:
@@ -73,8 +81,24 @@ class TrainConfig:
             raise ConfigError(f"--beta must be in [0, 1), got {self.beta}")
         if not (0 <= self.warmup_ratio < 1) or not (0 <= self.eval_fraction < 1):
             raise ConfigError("--warmup-ratio and --eval-fraction must be in [0, 1)")
-        if self.lr <= 0:
-            raise ConfigError("--lr must be > 0")
+        # NaN passes every comparison's negation, so finiteness is checked explicitly
+        for name, lo, strict in (("lr", 0.0, True), ("gamma", 0.0, False), ("weight_decay", 0.0, False),
+                                 ("max_grad_norm", 0.0, False), ("alpha", 0.0, True)):
+            v = getattr(self, name)
+            if name == "alpha" and v is None:
+                continue
+            if not math.isfinite(v) or (v <= lo if strict else v < lo):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} 0, got {v}")
+        if not (-2**63 <= self.seed < 2**64):  # the range torch.manual_seed accepts
+            raise ConfigError(f"--seed must fit in 64 bits, got {self.seed}")
+        if self.eval_max_examples < 0 or self.eval_max_new_tokens < 0 or self.static_examples < 1:
+            raise ConfigError("--eval-max-examples and --eval-max-new-tokens must be >= 0, --static-examples >= 1")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        if self.push is not None:
+            u = urlsplit(self.push)
+            if u.scheme not in ("http", "https") or not u.netloc:
+                raise ConfigError(f"--push must be an http(s) URL like http://host:8000, got '{self.push}'")
         bad = [t for t in self.targets if t not in ("gate", "up", "down")]
         if bad or not self.targets or len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"--targets must be a comma list of gate, up, down; got {','.join(self.targets)}")

@@ -36,8 +36,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
@@ -146,7 +150,8 @@ def load_data(path: str, tok, max_length: int, eval_fraction: float, seed: int,
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    # modulo 2^64: manual_seed refuses larger values (any 64-bit --seed is accepted)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     return torch.randperm(n, generator=g).tolist()
 
 

@@ -73,18 +73,25 @@ class JsonlLog:
                 f.write(json.dumps(rec) + "\n")
 
 
+class PushError(RuntimeError):
+    """--push failed; the adapter is already written (the CLI exits 1 with one line)."""
+
+
 def push(url: str, name: str, path: Path, api_key: str | None, timeout: float = 60.0) -> str:
-    """POST the adapter to a running server's load endpoint; return a one-line result."""
+    """POST the adapter to a running server's load endpoint; return a one-line result, or raise
+    PushError when the server cannot be reached or refuses it."""
     body = json.dumps({"lora_name": name, "lora_path": str(path.resolve()), "load_inplace": True}).encode()
     req = urllib.request.Request(url.rstrip("/") + "/v1/load_lora_adapter", data=body, method="POST",
                                  headers={"Content-Type": "application/json"})
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
+    written = f"(the adapter is written in {path})"
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return f"push: loaded '{name}' into {url} (HTTP {resp.status})"
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace").strip().replace("\n", " ")[:300]
-        return f"push: {url} refused '{name}' (HTTP {exc.code}): {detail}"
-    except (urllib.error.URLError, OSError) as exc:
-        return f"push: could not reach {url} ({getattr(exc, 'reason', exc)})"
+        raise PushError(f"push: {url} refused '{name}' (HTTP {exc.code}): {detail} {written}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc)).replace("\n", " ")
+        raise PushError(f"push: could not reach {url} ({reason}) {written}") from None

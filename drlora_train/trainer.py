@@ -144,7 +144,8 @@ def growth_event(run: Run, cfg: TrainConfig, gp: GrowthParams, n_events: int, la
             "ranks": ranks_table(run).tolist()}
 
 
-def checkpoint_state(run: Run, cfg: TrainConfig) -> dict:
+def checkpoint_state(run: Run, cfg: TrainConfig, key: dict | None = None) -> dict:
+    """key: checkpoint.resume_key of the run, which --resume checks the new flags against."""
     trainable = {f"layers.{l}.{k}": v for l, m in enumerate(run.layers) for k, v in m.state_dict().items()
                  if k.startswith("lora_") or k == "mask"}
     if cfg.train_router:
@@ -155,7 +156,7 @@ def checkpoint_state(run: Run, cfg: TrainConfig) -> dict:
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "stats": run.stats.state_dict(), "rng": ckpt.rng_state(), "history": run.history,
             "data_order": {"seed": cfg.seed, "batch_size": cfg.batch_size},
-            "config": asdict(cfg)}
+            "config": asdict(cfg), "resume_key": key}
 
 
 def restore(run: Run, state: dict, cfg: TrainConfig) -> None:

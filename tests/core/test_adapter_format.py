@@ -155,3 +155,52 @@ def test_write_refuses_bad_input(tmp_path):
     with pytest.raises(AdapterFormatError, match="unknown expert projection"):
         write_adapter(tmp_path, replace(cfg, ranks={"fc1": cfg.ranks["up"]}), tensors)
     assert not is_adapter_dir(tmp_path)
+
+
+def test_rewrite_caught_between_renames_is_refused(tmp_path):
+    """A reader between write_adapter's two renames sees B's weights with A's config; with
+    agreeing shapes only the write ids tell them apart."""
+    a_cfg, a_t = make(SHAPE, seed=1)
+    b_t = {k: torch.randn_like(v) for k, v in a_t.items()}  # same ranks and shapes, other weights
+    write_adapter(tmp_path / "a", a_cfg, a_t)
+    write_adapter(tmp_path / "b", replace(a_cfg, method="static"), b_t)
+    assert read_adapter(tmp_path / "a").config.write_id  # the id is there (and differs from b's)
+    assert read_adapter(tmp_path / "a").config.write_id != read_adapter(tmp_path / "b").config.write_id
+    (tmp_path / "a" / WEIGHTS_NAME).write_bytes((tmp_path / "b" / WEIGHTS_NAME).read_bytes())
+    refuses(tmp_path / "a", "being rewritten.*config and weights come from different writes")
+    # the rewrite completes: consistent again
+    (tmp_path / "a" / CONFIG_NAME).write_text((tmp_path / "b" / CONFIG_NAME).read_text())
+    assert read_adapter(tmp_path / "a").config.method == "static"
+
+
+def test_adapter_without_write_id_still_loads(tmp_path):
+    """Adapters written before write ids existed carry none, in either file."""
+    cfg, tensors = make(SHAPE, seed=2)
+    write_adapter(tmp_path, cfg, tensors)
+    d = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del d["write_id"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(d))
+    save_file(load_file(str(tmp_path / WEIGHTS_NAME)), str(tmp_path / WEIGHTS_NAME),
+              metadata={"format": "drlora-moe-lora", "format_version": "1"})
+    ad = read_adapter(tmp_path)
+    assert ad.config.write_id == "" and "write_id" not in ad.config.to_json()
+
+
+def test_files_are_written_with_the_umask_mode(tmp_path):
+    """safetensors creates 0600; a server running as another user must read the weights."""
+    import os
+    import stat
+
+    from drlora.peft import export_peft
+
+    old = os.umask(0o022)
+    try:
+        cfg, tensors = make(SHAPE, seed=3)
+        write_adapter(tmp_path / "a", cfg, tensors)
+        export_peft(tmp_path / "a", tmp_path / "p")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "a" / WEIGHTS_NAME, tmp_path / "a" / CONFIG_NAME,
+              tmp_path / "p" / "adapter_model.safetensors", tmp_path / "p" / "adapter_config.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no .tmp left

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drlora.adapter_format import read_adapter
+from drlora.adapter_format import read_adapter, write_adapter
 from drlora.models import resolve_model, weights_fingerprint
 from drlora_train.cli import main
 
@@ -69,9 +69,38 @@ def test_example_command_end_to_end(tmp_path, capsys):
     (["--data", "missing.jsonl", "--output", "o", "--targets", "up,qkv"], "--targets"),
     (["--data", "missing.jsonl", "--output", "o", "--max-steps", "1"], "missing.jsonl: no such file"),
     (["export", "--format", "peft", "nowhere", "o"], "nowhere is not a folder"),
+    # non-finite and out-of-range floats (NaN passes `x <= 0`)
+    (["--data", "d.jsonl", "--output", "o", "--gamma", "nan"], "--gamma must be a finite number >= 0, got nan"),
+    (["--data", "d.jsonl", "--output", "o", "--gamma", "inf"], "--gamma must be a finite number"),
+    (["--data", "d.jsonl", "--output", "o", "--alpha", "nan"], "--alpha must be a finite number > 0"),
+    (["--data", "d.jsonl", "--output", "o", "--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--data", "d.jsonl", "--output", "o", "--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--data", "d.jsonl", "--output", "o", "--max-grad-norm", "nan"], "--max-grad-norm must be a finite"),
+    (["--data", "d.jsonl", "--output", "o", "--max-grad-norm", "-1"], "--max-grad-norm must be a finite"),
+    (["--data", "d.jsonl", "--output", "o", "--log-every", "0"], "--log-every must be >= 1"),
+    (["--data", "d.jsonl", "--output", "o", "--device", "foo"], "--device must be auto, cpu, cuda"),
+    (["--data", "d.jsonl", "--output", "o", "--device", "mps"], "--device must be auto, cpu, cuda"),
+    (["--data", "d.jsonl", "--output", "o", "--device", "meta"], "--device must be auto, cpu, cuda"),
+    (["--data", "d.jsonl", "--output", "o", "--seed", str(2**64)], "--seed must fit in 64 bits"),
+    (["--data", "d.jsonl", "--output", "o", "--push", "notaurl"], "--push must be an http(s) URL"),
+    (["--data", "d.jsonl", "--output", ""], "--output must name a folder"),
+    (["--data", "d.jsonl", "--output", "afile"], "--output afile is a file, not a folder"),
+    (["--data", "d.jsonl", "--output", "afile/sub"], "--output afile/sub: Not a directory"),
+    (["--data", "d.jsonl", "--output", "o", "--model", "badmodel"], "--model badmodel: unusable"),
+    (["--data", "latin1.jsonl", "--output", "o"], "latin1.jsonl:2: not UTF-8 text"),
+    (["--data", "d.jsonl", "--eval-data", "latin1.jsonl", "--output", "o"], "latin1.jsonl:2: not UTF-8"),
+    (["export", "--format", "peft", "adapter", "afile"], "afile is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_exit_2(args, msg, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text(EXAMPLE.read_text())
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    (tmp_path / "badmodel").mkdir()
+    (tmp_path / "badmodel" / "config.json").write_text('{"model_type": "olmoe"')
+    if "adapter" in args:
+        from tests.core.test_adapter_format import SHAPE, make
+        write_adapter(tmp_path / "adapter", *make(SHAPE))
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("drlora-train: error: ") and msg in err and "\n" not in err
@@ -82,3 +111,37 @@ def test_console_script_without_subcommand(tmp_path):
                         "--output", str(tmp_path / "o"), "--max-steps", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_failed_push_exits_1_with_the_adapter_written(tmp_path, capsys):
+    class H(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b'{"error": "boom"}')
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.handle_request, daemon=True).start()
+    out = tmp_path / "a"
+    rc = main(["--model", "tiny", "--data", str(EXAMPLE), "--output", str(out), "--max-steps", "2",
+               "--r-init", "2", "--r-target", "4", "--r-max", "8", "--batch-size", "2", "--eval-max-examples", "0",
+               "--no-progress", "--device", "cpu", "--push", f"http://127.0.0.1:{srv.server_port}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and read_adapter(out).config.provenance["steps"] == 2
+    assert err.startswith("drlora-train: error: push: ") and "(HTTP 500)" in err and "adapter is written in" in err
+
+
+def test_push_to_nothing_raises(tmp_path):
+    import socket
+
+    from drlora_train.report import PushError, push
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PushError, match=f"push: could not reach http://127.0.0.1:{port} .*adapter is written in"):
+        push(f"http://127.0.0.1:{port}", "a", tmp_path, None, timeout=5)

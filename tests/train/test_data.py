@@ -69,3 +69,29 @@ def test_split_and_eval_file(tmp_path, tok):
     eval_p = _write(tmp_path / "e.jsonl", [{"prompt": "1 + 1 =", "completion": " 2"}])
     tr, ev = load_data(str(train_p), tok, 64, 0.5, 0, eval_path=str(eval_p))
     assert len(tr) == 20 and len(ev) == 1
+
+
+def test_non_utf8_line_reported_with_line_number(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text \(byte 13\)"):
+        read_jsonl(p)
+
+
+def test_eval_without_scorable_tokens_and_with_empty_prompts(tiny_path, tok):
+    """No labelled token: eval_loss is None (not 0.0). An empty prompt: no crash, and no
+    exact-match score for it (nothing to generate from)."""
+    from drlora_train.evaluate import EvalConfig, evaluate, greedy_completions
+    from tests.train.conftest import load_tiny
+
+    model = load_tiny(tiny_path)
+    cut = encode({"prompt": "12 + 3 = 1 2 3 4 5 6", "completion": " 15"}, tok, 3)  # completion truncated away
+    res = evaluate(model, tok, [cut], EvalConfig(max_new_tokens=2), "cpu")
+    assert res["eval_loss"] is None and res["eval_tokens"] == 0 and res["exact_match_examples"] == 1
+    empty = encode({"prompt": "", "completion": "hello there"}, tok, 512)
+    res = evaluate(model, tok, [empty], EvalConfig(max_new_tokens=2), "cpu")
+    assert res["eval_loss"] > 0 and res["eval_tokens"] > 0 and "exact_match" not in res
+    res = evaluate(model, tok, [empty, cut], EvalConfig(max_new_tokens=2), "cpu")
+    assert res["eval_tokens"] > 0 and res["exact_match_examples"] == 1
+    outs = greedy_completions(model, tok, ["", "1 + 1 =", ""], 2, 2, "cpu")
+    assert outs[0] == outs[2] == "" and len(outs) == 3

@@ -369,7 +369,8 @@ def main(argv=None) -> int:
                        lora_pool_rank_rows=rows, lora_dense_rank_rows=16,
                        max_num_seqs=max(args.batches + args.padded_batches),
                        max_num_batched_tokens=args.max_num_batched_tokens or (32 if small else DEFAULT_BATCHED_TOKENS[args.shape]),
-                       enforce_eager=args.enforce_eager, strict_cuda_graphs=args.strict_graphs, max_model_len=4096,
+                       enforce_eager=args.enforce_eager, strict_cuda_graphs=args.strict_graphs,
+                       max_model_len=min(4096, config.get("max_position_embeddings", 4096)),
                        num_kv_blocks=512 if small else None)
     model = get_model_class(config["model_type"]).random(config, dtype, dev)
     t0 = time.perf_counter()

@@ -126,7 +126,10 @@ class ModelRunner:
             nb = CPU_DEFAULT_BLOCKS
         self.kv = KVCache(s.num_hidden_layers, nb, args.block_size, s.num_key_value_heads, s.head_dim, self.dtype, self.device)
         self.model.kv_caches = self.kv.layers
-        self.max_model_len = min(args.max_model_len or self.model.max_positions, self.model.max_positions)
+        if args.max_model_len and args.max_model_len > self.model.max_positions:  # (vLLM refuses it too)
+            raise ValueError(f"max_model_len {args.max_model_len} is more than the model's "
+                             f"{self.model.max_positions} positions (max_position_embeddings)")
+        self.max_model_len = args.max_model_len or self.model.max_positions
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
         self.sampler = Sampler(self.device, args.seed)
         self.sampling_state = SamplingState(args.max_num_seqs, self.vocab_size, self.device)

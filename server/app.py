@@ -11,10 +11,11 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from drlora_serve.types import EngineClient, EngineUnavailableError
-from server import adapters, chat, completions
+from server import adapters, chat, completions, tokenize
 from server.watcher import AdapterWatcher
 from server.auth import ApiKeyMiddleware
 from server.errors import install_handlers, model_not_found
@@ -117,6 +118,10 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig, lifecycle: Li
     keys = [config.api_key] if config.api_key else []
     if keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=keys)
+    # CORS as vLLM sets it up (its flags and defaults), inside the body limit: preflights are
+    # answered before the API key is asked for, as browsers send none with them
+    app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
+                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)  # outermost: before any read
 
     @app.get("/health")
@@ -124,6 +129,10 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig, lifecycle: Li
         st = getattr(request.app.state, "drlora", None)
         alive = st is not None and st.ready and not getattr(st.engine, "dead", False)
         return Response(status_code=200 if alive else 503)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping(request: Request) -> Response:  # vLLM's (SageMaker's) liveness route: /health's answer
+        return await health(request)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -152,6 +161,7 @@ def build_app(engine_factory: EngineFactory, config: ServerConfig, lifecycle: Li
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(adapters.router)
+    app.include_router(tokenize.router)
     _document_errors(app)
     return app
 

@@ -27,14 +27,14 @@ async def render(state: ServerState, req: ChatCompletionRequest) -> list[int]:
     tok = state.engine.tokenizer
     if not getattr(tok, "chat_template", None):
         raise bad_request("This model has no chat template; use /v1/completions", "messages")
-    messages = [_message(m) for m in req.messages]
+    messages = [message_dict(m) for m in req.messages]
     g.check_text(state, sum(len(m["content"]) for m in messages), "messages", "messages")
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     return await g.off_loop(lambda: chat_prompt_ids(tok, messages, req.add_generation_prompt, tools),
                             sum(len(m["content"]) for m in messages))
 
 
-def _message(m) -> dict:
+def message_dict(m) -> dict:
     """A message for the chat template; earlier tool calls with their arguments as objects
     when they parse (what templates that render them expect, as vLLM passes them)."""
     d = {"role": m.role, "content": m.text()}

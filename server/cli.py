@@ -136,7 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-request-mb", type=float, default=64.0,
       help="largest request body in MiB (a 413 beyond; 0: no limit)")
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    for flag in ("--allowed-origins", "--allowed-methods", "--allowed-headers"):
+        a(flag, type=_string_list, default=["*"], metavar="JSON", help="CORS, as vLLM: a JSON list (default [\"*\"])")
+    a("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    # vLLM flags that change nothing here, accepted so that a vLLM command line runs as it is
+    a("--trust-remote-code", action="store_true", help="accepted for vLLM compatibility (no checkpoint code is run)")
+    a("--disable-log-requests", "--enable-log-requests", dest="log_requests", action="store_true",
+      help="accepted for vLLM compatibility (--log-level debug logs every request line)")
+    a("--disable-log-stats", action="store_true", help="accepted for vLLM compatibility (stats are in /metrics)")
     return p
+
+
+def _string_list(text: str) -> list[str]:
+    try:
+        v = json.loads(text)
+    except ValueError:
+        v = None
+    if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
+    return v
 
 
 def _env_flag(*names: str) -> bool | None:
@@ -173,6 +191,8 @@ def _configure(parser, args):
         ad = Path(args.adapters).expanduser()
         if ad.exists() and not ad.is_dir():
             parser.error(f"--adapters: {ad} is not a folder")
+        if not ad.exists():  # said out loud: a typo would otherwise serve no adapters quietly
+            print(f"drlora-serve: note: --adapters {ad} did not exist; created it (empty, watched)", file=sys.stderr)
         ad.mkdir(parents=True, exist_ok=True)
         adapters = str(ad.resolve())
     modules: dict[str, str] = {}
@@ -209,7 +229,9 @@ def _configure(parser, args):
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
         max_request_bytes=int(args.max_request_mb * 2**20),
         max_prompts_per_request=args.max_prompts_per_request,
-        structured_defaults=args.structured_outputs_config)
+        structured_defaults=args.structured_outputs_config, allowed_origins=args.allowed_origins,
+        allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
+        allow_credentials=args.allow_credentials)
     return engine_args, config
 
 

@@ -119,7 +119,7 @@ def with_defaults(so: StructuredOutputsParams, defaults: dict) -> StructuredOutp
     return dataclasses.replace(so, **defaults) if defaults else so
 
 
-def _token_ids(state: ServerState, values, param: str) -> list[int]:
+def vocab_ids(state: ServerState, values, param: str) -> list[int]:
     vocab = len(state.engine.tokenizer)
     bad = next((t for t in values if not 0 <= t < vocab), None)
     if bad is not None:
@@ -133,7 +133,7 @@ def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | No
     """output_kind: "delta" for streamed responses, "final" otherwise (see RequestOutput).
     constraint: (structured outputs, the field that set it) given by the caller (chat tools),
     instead of the request's own."""
-    stop_ids = _token_ids(state, req.stop_token_ids or [], "stop_token_ids")
+    stop_ids = vocab_ids(state, req.stop_token_ids or [], "stop_token_ids")
     top_k = req.top_k if req.top_k not in (None, 0) else -1
     bias = None
     if req.logit_bias:
@@ -143,7 +143,7 @@ def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | No
             bias = {int(k): min(100.0, max(-100.0, v)) for k, v in req.logit_bias.items()}  # vLLM clamps
         except ValueError:
             raise bad_request("logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
-        _token_ids(state, bias, "logit_bias")
+        vocab_ids(state, bias, "logit_bias")
     defaults = state.config.structured_defaults
     if constraint is not None:
         so, so_field = with_defaults(constraint[0], defaults), constraint[1]
@@ -173,7 +173,7 @@ def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | No
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         min_tokens=req.min_tokens,
         logit_bias=bias,
-        allowed_token_ids=_token_ids(state, req.allowed_token_ids, "allowed_token_ids")
+        allowed_token_ids=vocab_ids(state, req.allowed_token_ids, "allowed_token_ids")
         if req.allowed_token_ids is not None else None,  # ([] is refused by validate(), as vLLM does)
         bad_words=list(req.bad_words) if req.bad_words else None,
         include_stop_str_in_output=req.include_stop_str_in_output,

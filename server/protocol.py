@@ -340,6 +340,30 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered by the chat template."""
+    model_config = ConfigDict(extra="ignore")
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # messages only
+    tools: list[ChatTool] | None = None  # messages only
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM)
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise PydanticCustomError("one_input", "give exactly one of prompt and messages", {"param": "prompt"})
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: Text | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
 class LoadLoraAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     lora_name: Text = Field(min_length=1, max_length=256)

@@ -35,6 +35,11 @@ class ServerConfig:
     max_request_bytes: int = 64 * 2**20  # --max-request-mb: larger bodies get a 413 (0: no limit)
     # --structured-outputs-config: defaults of StructuredOutputsParams (disable_any_whitespace, ...)
     structured_defaults: dict = field(default_factory=dict)
+    # CORS (vLLM's flags and defaults)
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
     def allowed_roots(self) -> list[str]:
         return [os.path.realpath(r) for r in self.lora_roots]

@@ -182,6 +182,11 @@ def test_tiny_positive_temperature_is_raised_as_vllm_does(engine, tokenizer):
     assert outs[1e-44] == outs[1e-2]
 
 
+def test_max_model_len_beyond_the_model_is_refused(tiny_dir, tokenizer):
+    with pytest.raises(ValueError, match="more than the model's 512 positions"):  # (vLLM refuses it too)
+        make_engine(tiny_dir, tokenizer, max_model_len=100_000)
+
+
 def test_invalid_requests(engine):
     with pytest.raises(AdapterNotFoundError):
         engine.add_request("bad0", [5, 6], GREEDY, "nope")

@@ -321,3 +321,30 @@ def test_request_body_limit(make_client):
             yield big[i:i + 100].encode()
     e = err(c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
     assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_tokenize_detokenize_ping_and_cors(make_client, tokenizer):
+    """vLLM's /tokenize (a prompt, or messages through the chat template), /detokenize, /ping,
+    and its CORS defaults (a browser's preflight is answered, before any API key)."""
+    c, _ = make_client(api_key="k")
+    r = c.post("/tokenize", json={"model": "tiny", "prompt": "hello world", "return_token_strs": True})
+    body = r.json()
+    assert r.status_code == 200 and body["tokens"] == tokenizer.encode("hello world") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 128 and body["token_strs"] == tokenizer.convert_ids_to_tokens(body["tokens"])
+    msgs = [{"role": "user", "content": "hi"}]
+    r = c.post("/tokenize", json={"messages": msgs})
+    want = tokenizer.encode(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                            add_special_tokens=False)
+    assert r.status_code == 200 and r.json()["tokens"] == want and r.json()["token_strs"] is None
+    r = c.post("/detokenize", json={"model": "tiny", "tokens": body["tokens"]})
+    assert r.status_code == 200 and r.json() == {"prompt": tokenizer.decode(body["tokens"])}
+    err(c.post("/tokenize", json={"prompt": "x", "messages": msgs}), 400)
+    err(c.post("/tokenize", json={}), 400)
+    err(c.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404)
+    assert err(c.post("/detokenize", json={"tokens": [10**9]}), 400)["param"] == "tokens"
+    assert c.get("/ping").status_code == 200 and c.post("/ping").status_code == 200
+    pre = c.options("/v1/completions", headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+                                                "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*"
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Origin": "http://example.com"})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"

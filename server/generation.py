@@ -265,6 +265,7 @@ class Submitted:
         self.closed = True
         self.state.metrics.request_done(self.adapter)
         if not self.finished:
+            self.state.metrics.request_aborted()
             await _close(self._gen)
             with contextlib.suppress(Exception):
                 await self.state.engine.abort(self.request_id)

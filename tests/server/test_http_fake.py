@@ -78,9 +78,17 @@ def test_openai_client(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def aborted_total(url: str) -> float:
+    for f in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        if f.name == "vllm:request_success":
+            return sum(s.value for s in f.samples if s.name.endswith("_total") and s.labels["finished_reason"] == "abort")
+    return 0.0
+
+
 def test_disconnect_aborts(server):
     headers = {"Authorization": "Bearer k1"}
     body = {"model": "tiny", "prompt": "x", "max_tokens": 100}
+    aborted = aborted_total(server.url)
     with httpx.Client(timeout=10) as c:
         with c.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, headers=headers) as r:
             it = r.iter_lines()
@@ -93,6 +101,7 @@ def test_disconnect_aborts(server):
     while gauge(server.url, "vllm:num_requests_running") != 0:
         assert time.monotonic() < deadline, "request not aborted after disconnect"
         time.sleep(0.05)
+    assert aborted_total(server.url) == aborted + 2  # finished_reason="abort" (vLLM leaves it at 0)
 
 
 def test_bad_flags_exit_2():

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from drlora.adapter_format import CONFIG_NAME, WEIGHTS_NAME
+from drlora.peft import PEFT_CONFIG, PEFT_WEIGHTS
 from drlora_serve.types import AdapterNotFoundError, EngineClient
 from server.confinement import OutsideRootsError, confine
 
@@ -32,13 +33,16 @@ def _is_text(name: str) -> bool:
 
 
 def signature(folder: str) -> Signature | None:
-    """Sizes and mtimes of config and weights; None while either is missing."""
-    try:
-        c = os.stat(os.path.join(folder, CONFIG_NAME))
-        w = os.stat(os.path.join(folder, WEIGHTS_NAME))
-    except OSError:
-        return None
-    return (c.st_size, c.st_mtime_ns, w.st_size, w.st_mtime_ns)
+    """Sizes and mtimes of config and weights, drlora's or else PEFT's (converted on load, as
+    the load endpoint does); None while either is missing."""
+    for config, weights in ((CONFIG_NAME, WEIGHTS_NAME), (PEFT_CONFIG, PEFT_WEIGHTS)):
+        try:
+            c = os.stat(os.path.join(folder, config))
+            w = os.stat(os.path.join(folder, weights))
+        except OSError:
+            continue
+        return (c.st_size, c.st_mtime_ns, w.st_size, w.st_mtime_ns)
+    return None
 
 
 @dataclass

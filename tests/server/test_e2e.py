@@ -194,6 +194,12 @@ def test_hot_load_by_folder_and_endpoint(env):
     assert r.status_code == 200, r.text
     kw = dict(prompt="hello there", max_tokens=4, temperature=0)
     assert c.completions.create(model="pe", **kw).choices[0].text == c.completions.create(model="b1", **kw).choices[0].text
+    # ... and so does a PEFT folder dropped into the watched folder
+    shutil.copytree(a / ".staging" / "b1-peft", a / "pe-dropped")
+    wait_for_model(env, "pe-dropped")
+    assert c.completions.create(model="pe-dropped", **kw).choices[0].text == c.completions.create(model="pe", **kw).choices[0].text
+    shutil.rmtree(a / "pe-dropped")
+    wait_for_model(env, "pe-dropped", present=False)
     for name in ("a/b", "x\ny", " "):
         r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(a / ".staging" / "b1")},
                        headers=h)

@@ -34,12 +34,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from drlora.adapter_format import (DENSE_PROJS, SHARED_PROJS, AdapterConfig, AdapterFormatError, key,
-                                   read_adapter, save_tensors, write_adapter)
+from drlora.adapter_format import (CONFIG_NAME, DENSE_PROJS, SHARED_PROJS, WEIGHTS_NAME, AdapterConfig,
+                                   AdapterFormatError, key, read_adapter, save_tensors, write_adapter)
 from drlora.models import MoeShape
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+# what an adapter folder is read from, per format: drlora's, or PEFT's (converted on load)
+ADAPTER_FILE_PAIRS = ((CONFIG_NAME, WEIGHTS_NAME), (PEFT_CONFIG, PEFT_WEIGHTS))
+ADAPTER_FILES = tuple(f for pair in ADAPTER_FILE_PAIRS for f in pair)
 PREFIX = "base_model.model.model.layers"
 _EXPERT_KEY = re.compile(r"layers\.(\d+)\.mlp\.experts\.(?:base_layer\.)?lora_([AB])\.weight$")
 _DENSE_KEY = re.compile(r"layers\.(\d+)\.self_attn\.([qkvo]_proj)\.lora_([AB])(?:\.default)?\.weight$")

@@ -23,8 +23,6 @@ from pathlib import Path
 
 from drlora.adapter_format import (
     Adapter,
-    CONFIG_NAME,
-    WEIGHTS_NAME,
     AdapterFormatError,
     NotAnAdapterError,
     expected_shapes,
@@ -32,6 +30,7 @@ from drlora.adapter_format import (
     read_adapter,
 )
 from drlora.models import MoeShape
+from drlora.peft import ADAPTER_FILES, PEFT_CONFIG, peft_to_drlora
 
 from drlora_serve.lora_buffers import LoraBuffers
 from drlora_serve.types import AdapterInfo, AdapterNotFoundError, Histogram, LOAD_STAGES
@@ -61,16 +60,12 @@ def valid_adapter_name(name: str) -> bool:
     return bool(name.strip()) and "/" not in name and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name)
 
 
-# the files an adapter is read from (drlora's, or PEFT's converted on load): only these count
-# as the adapter changing (a README edited, a training log appended beside it, do not)
-_READ_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_config.json", "adapter_model.safetensors")
-
-
 def folder_stamp(path: str | Path) -> tuple:
-    """(name, size, mtime_ns) of each adapter file of a folder (_READ_FILES): changes when one
-    is rewritten, added or removed."""
+    """(name, size, mtime_ns) of each adapter file of a folder (ADAPTER_FILES): changes when one
+    is rewritten, added or removed; other files (a README edited, a training log appended
+    beside it) do not count."""
     stamp = []
-    for name in _READ_FILES:
+    for name in ADAPTER_FILES:
         try:
             st = (Path(path) / name).stat()
         except OSError:
@@ -83,11 +78,7 @@ def read_any_adapter(path: str | Path, base: MoeShape) -> Adapter:
     path = Path(path)
     if is_adapter_dir(path):
         return read_adapter(path, base)
-    if (path / "adapter_config.json").is_file():  # PEFT
-        try:
-            from drlora.peft import peft_to_drlora
-        except ImportError as exc:
-            raise AdapterFormatError(f"{path} is a PEFT adapter but PEFT conversion is unavailable ({exc})") from None
+    if (path / PEFT_CONFIG).is_file():
         try:
             cfg, tensors = peft_to_drlora(path, base)
         except AdapterFormatError:

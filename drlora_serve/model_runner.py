@@ -109,6 +109,11 @@ class ModelRunner:
         elif model is None and args.load_format != "auto":
             raise ValueError(f"unknown load_format {args.load_format!r} (auto or dummy)")
         self.model = model if model is not None else cls.from_pretrained(model_dir, self.config, self.dtype, self.device)
+        # refused as vLLM does, before the LoRA pool and the KV cache are allocated
+        if args.max_model_len and args.max_model_len > self.model.max_positions:
+            raise ValueError(f"max_model_len {args.max_model_len} is more than the model's "
+                             f"{self.model.max_positions} positions (max_position_embeddings)")
+        self.max_model_len = args.max_model_len or self.model.max_positions
         self.shape = MoeShape.from_config(self.config)
         self.vocab_size = self.config["vocab_size"]
         s = self.shape
@@ -126,10 +131,6 @@ class ModelRunner:
             nb = CPU_DEFAULT_BLOCKS
         self.kv = KVCache(s.num_hidden_layers, nb, args.block_size, s.num_key_value_heads, s.head_dim, self.dtype, self.device)
         self.model.kv_caches = self.kv.layers
-        if args.max_model_len and args.max_model_len > self.model.max_positions:  # (vLLM refuses it too)
-            raise ValueError(f"max_model_len {args.max_model_len} is more than the model's "
-                             f"{self.model.max_positions} positions (max_position_embeddings)")
-        self.max_model_len = args.max_model_len or self.model.max_positions
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
         self.sampler = Sampler(self.device, args.seed)
         self.sampling_state = SamplingState(args.max_num_seqs, self.vocab_size, self.device)

@@ -31,6 +31,12 @@ class Example:
     reference: str | None = None  # expected completion
 
 
+def scorable(e: Example) -> bool:
+    """Has a labelled token to predict (a position after the first): training keeps only
+    these, and eval scores only these."""
+    return any(x != IGNORE for x in e.labels[1:])
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -143,7 +149,7 @@ def load_data(path: str, tok, max_length: int, eval_fraction: float, seed: int,
     else:
         train_recs, eval_recs = split(records, eval_fraction, seed)
     enc = lambda recs: [encode(r, tok, max_length) for r in recs]
-    train = [e for e in enc(train_recs) if any(x != IGNORE for x in e.labels[1:])]
+    train = [e for e in enc(train_recs) if scorable(e)]
     if not train:
         raise DataError(f"{path}: no record has a token to train on (after max_length={max_length})")
     return train, enc(eval_recs)

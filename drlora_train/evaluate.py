@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drlora_train.data import IGNORE, Example, _ids, collate
+from drlora_train.data import IGNORE, Example, _ids, collate, scorable
 
 
 @dataclass(frozen=True)
@@ -14,11 +14,6 @@ class EvalConfig:
     max_examples: int = 64
     max_new_tokens: int = 32
     batch_size: int = 16
-
-
-def scorable(e: Example) -> bool:
-    """Has a labelled token to predict (the rule training data is filtered by)."""
-    return any(x != IGNORE for x in e.labels[1:])
 
 
 def token_loss(model, examples: list[Example], pad_id: int, batch_size: int,

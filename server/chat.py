@@ -15,26 +15,28 @@ from drlora_serve.types import RequestOutput, TokenLogprob
 from server import generation as g
 from server import tools as T
 from server.errors import bad_request, sse_error
-from server.protocol import ChatCompletionRequest, ChatCompletionResponse
+from server.protocol import ChatCompletionRequest, ChatCompletionResponse, TokenizeRequest
 from server.state import ServerState, get_state
 
 router = APIRouter()
 
 
-async def render(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    """The chat template applied and tokenized (in a worker thread when the messages are long,
-    so that the event loop keeps serving other requests)."""
+async def render(state: ServerState, req: ChatCompletionRequest | TokenizeRequest,
+                 instead: str = "use /v1/completions") -> list[int]:
+    """The chat template applied to req's messages (with its add_generation_prompt and tools)
+    and tokenized, in a worker thread when the messages are long, so that the event loop keeps
+    serving other requests. `instead`: what to do when the model has no chat template."""
     tok = state.engine.tokenizer
     if not getattr(tok, "chat_template", None):
-        raise bad_request("This model has no chat template; use /v1/completions", "messages")
-    messages = [message_dict(m) for m in req.messages]
-    g.check_text(state, sum(len(m["content"]) for m in messages), "messages", "messages")
+        raise bad_request(f"This model has no chat template; {instead}", "messages")
+    messages = [_message(m) for m in req.messages]
+    chars = sum(len(m["content"]) for m in messages)
+    g.check_text(state, chars, "messages", "messages")
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    return await g.off_loop(lambda: chat_prompt_ids(tok, messages, req.add_generation_prompt, tools),
-                            sum(len(m["content"]) for m in messages))
+    return await g.off_loop(lambda: chat_prompt_ids(tok, messages, req.add_generation_prompt, tools), chars)
 
 
-def message_dict(m) -> dict:
+def _message(m) -> dict:
     """A message for the chat template; earlier tool calls with their arguments as objects
     when they parse (what templates that render them expect, as vLLM passes them)."""
     d = {"role": m.role, "content": m.text()}

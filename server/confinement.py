@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import os
 
-from drlora.adapter_format import CONFIG_NAME, WEIGHTS_NAME
-from drlora.peft import PEFT_CONFIG, PEFT_WEIGHTS
-
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PEFT_CONFIG, PEFT_WEIGHTS)  # what the loader reads
+from drlora.peft import ADAPTER_FILES  # what the loader reads
 
 
 class OutsideRootsError(ValueError):

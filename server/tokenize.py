@@ -6,10 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from drlora_serve.preprocess import chat_prompt_ids
 from server import generation as g
-from server.chat import message_dict
-from server.errors import bad_request
+from server.chat import render
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.state import get_state
 
@@ -26,13 +24,7 @@ async def tokenize(req: TokenizeRequest, request: Request) -> JSONResponse:
         special = True if req.add_special_tokens is None else req.add_special_tokens
         ids = await g.off_loop(lambda: tok.encode(req.prompt, add_special_tokens=special), len(req.prompt))
     else:
-        if not getattr(tok, "chat_template", None):
-            raise bad_request("This model has no chat template; tokenize a prompt instead", "messages")
-        messages = [message_dict(m) for m in req.messages]
-        chars = sum(len(m["content"]) for m in messages)
-        g.check_text(state, chars, "messages", "messages")
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        ids = await g.off_loop(lambda: chat_prompt_ids(tok, messages, req.add_generation_prompt, tools), chars)
+        ids = await render(state, req, instead="tokenize a prompt instead")
         if req.add_special_tokens:  # the template writes its own special tokens; vLLM's flag adds a BOS
             ids = tok.build_inputs_with_special_tokens(ids)
     strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None

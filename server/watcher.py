@@ -8,8 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from drlora.adapter_format import CONFIG_NAME, WEIGHTS_NAME
-from drlora.peft import PEFT_CONFIG, PEFT_WEIGHTS
+from drlora.peft import ADAPTER_FILE_PAIRS
 from drlora_serve.types import AdapterNotFoundError, EngineClient
 from server.confinement import OutsideRootsError, confine
 
@@ -35,7 +34,7 @@ def _is_text(name: str) -> bool:
 def signature(folder: str) -> Signature | None:
     """Sizes and mtimes of config and weights, drlora's or else PEFT's (converted on load, as
     the load endpoint does); None while either is missing."""
-    for config, weights in ((CONFIG_NAME, WEIGHTS_NAME), (PEFT_CONFIG, PEFT_WEIGHTS)):
+    for config, weights in ADAPTER_FILE_PAIRS:
         try:
             c = os.stat(os.path.join(folder, config))
             w = os.stat(os.path.join(folder, weights))

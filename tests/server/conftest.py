@@ -92,6 +92,25 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def stream_in_thread(url: str, body: dict, headers: dict | None = None,
+                     timeout: float = 60) -> tuple[threading.Thread, list[str], threading.Event]:
+    """POST a streaming request from a started thread: (the thread, the non-empty SSE lines as
+    they arrive, an event set at the first one)."""
+    lines: list[str] = []
+    first = threading.Event()
+
+    def run() -> None:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=timeout) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, lines, first
+
+
 def fake_server_cmd(*extra: str) -> list[str]:
     """A real uvicorn server over the FakeEngine (tests/server/fake_server.py)."""
     return [sys.executable, str(HERE / "fake_server.py"), *extra]

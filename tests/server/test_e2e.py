@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from drlora_serve.types import SamplingParams
-from tests.server.conftest import ServerProcess, make_adapter, real_server_cmd
+from tests.server.conftest import ServerProcess, make_adapter, real_server_cmd, stream_in_thread
 
 KEY = "test-key"
 PROMPTS = ["The cat", "Once upon a time", "hello world"]
@@ -472,30 +472,19 @@ def test_a_signal_to_the_process_group_stops_cleanly(tmp_path, sig):
     group is left behind."""
     import os
     import signal
-    import threading
 
     s = ServerProcess(real_server_cmd(), log=tmp_path / "log.txt", group=True)
     pgid = s.proc.pid
     r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3})
     assert r.status_code == 200
-    chunks, first = [], threading.Event()
-
-    def stream():
-        body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data: "):
-                    chunks.append(line[6:])
-                    first.set()
-
-    t = threading.Thread(target=stream)
-    t.start()
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    t, lines, first = stream_in_thread(s.url + "/v1/completions", body)
     assert first.wait(30)
     # uvicorn re-raises the signal once it has shut down: SIGTERM's exit is then -15, which
     # service managers count as a clean stop
     assert s.stop(sig=getattr(signal, sig)) in (0, -signal.SIGTERM), s.tail()
     t.join(30)
-    assert chunks[-1] == "[DONE]" and "error" not in "".join(chunks), chunks[-3:]
+    assert lines[-1] == "data: [DONE]" and "error" not in "".join(lines), lines[-3:]
     log = (tmp_path / "log.txt").read_text()
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
     deadline = time.monotonic() + 10
@@ -514,25 +503,14 @@ def test_engine_core_death_fails_requests_and_stops_the_server(tmp_path):
     living on with a dead engine, stale metrics and 4xx answers."""
     import os
     import signal
-    import threading
     from pathlib import Path
 
     s = ServerProcess(real_server_cmd(), log=tmp_path / "log.txt")
     kids = [int(p) for p in os.popen(f"pgrep -P {s.proc.pid}").read().split()]
     core = [p for p in kids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert len(core) == 1, kids
-    lines, first = [], threading.Event()
-
-    def stream():
-        body = {"model": "tiny", "prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as resp:
-            for line in resp.iter_lines():
-                if line:
-                    lines.append(line)
-                    first.set()
-
-    t = threading.Thread(target=stream)
-    t.start()
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    t, lines, first = stream_in_thread(s.url + "/v1/completions", body)
     assert first.wait(30)
     os.kill(core[0], signal.SIGKILL)
     t.join(30)

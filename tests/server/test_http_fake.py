@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import build_app
 from server.state import ServerConfig
-from tests.server.conftest import ServerProcess, fake_server_cmd, uvicorn_in_thread
+from tests.server.conftest import ServerProcess, fake_server_cmd, stream_in_thread, uvicorn_in_thread
 from tests.server.fake_engine import FakeEngine
 
 
@@ -34,19 +34,8 @@ def server(tmp_path_factory):
                       env={"FAKE_DELAY": "0.02", "VLLM_API_KEY": "k1"}, log=tmp / "log.txt")
     yield s
     # graceful shutdown: a stream in flight when SIGINT arrives still finishes
-    lines: list[str] = []
-    started = threading.Event()
-
-    def stream() -> None:
-        with httpx.stream("POST", s.url + "/v1/completions", headers={"Authorization": "Bearer k1"},
-                          json={"prompt": "x", "max_tokens": 40, "stream": True}, timeout=30) as r:
-            for line in r.iter_lines():
-                if line:
-                    lines.append(line)
-                started.set()
-
-    t = threading.Thread(target=stream)
-    t.start()
+    t, lines, started = stream_in_thread(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 40, "stream": True},
+                                         {"Authorization": "Bearer k1"}, timeout=30)
     assert started.wait(10)
     assert s.stop() == 0, s.tail()
     t.join(30)
@@ -247,14 +236,10 @@ def test_requests_past_the_shutdown_deadline_fail_with_error_bodies(tmp_path):
     def plain() -> None:
         got["plain"] = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 120}, timeout=60)
 
-    def stream() -> None:
-        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
-                          json={"prompt": "x", "max_tokens": 120, "stream": True}) as r:
-            got["lines"] = [line for line in r.iter_lines() if line]
-
-    threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
-    for t in threads:
-        t.start()
+    threads = [threading.Thread(target=plain)]
+    threads[0].start()
+    t, lines, _ = stream_in_thread(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 120, "stream": True})
+    threads.append(t)
     time.sleep(1.0)
     t0 = time.monotonic()
     assert s.stop(sig=signal.SIGINT) == 0, s.tail()
@@ -263,6 +248,5 @@ def test_requests_past_the_shutdown_deadline_fail_with_error_bodies(tmp_path):
         t.join(30)
     r = got["plain"]
     assert r.status_code == 503 and r.json()["error"]["message"] == "the server is shutting down", r.text
-    lines = got["lines"]
     assert lines[-1] == "data: [DONE]" and _json.loads(lines[-2][6:])["error"]["code"] == 503, lines[-3:]
     assert "Traceback" not in s.tail()

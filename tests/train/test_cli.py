@@ -15,15 +15,16 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "arith.jsonl"
 
 
-def _serve_once(calls):
+def _serve_once(calls, status: int = 200, reply: bytes = b"{}"):
+    """A server for one POST that records (path, Authorization, JSON body) and answers `status`."""
     class H(BaseHTTPRequestHandler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
             calls.append((self.path, self.headers.get("Authorization"), json.loads(body)))
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(b"{}")
+            self.wfile.write(reply)
 
         def log_message(self, *a):
             pass
@@ -114,18 +115,7 @@ def test_console_script_without_subcommand(tmp_path):
 
 
 def test_failed_push_exits_1_with_the_adapter_written(tmp_path, capsys):
-    class H(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(500)
-            self.end_headers()
-            self.wfile.write(b'{"error": "boom"}')
-
-        def log_message(self, *a):
-            pass
-
-    srv = HTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.handle_request, daemon=True).start()
+    srv = _serve_once([], status=500, reply=b'{"error": "boom"}')
     out = tmp_path / "a"
     rc = main(["--model", "tiny", "--data", str(EXAMPLE), "--output", str(out), "--max-steps", "2",
                "--r-init", "2", "--r-target", "4", "--r-max", "8", "--batch-size", "2", "--eval-max-examples", "0",

@@ -29,19 +29,60 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+EPILOG = f"""other commands:
+  {PROG} export --format peft ADAPTER OUT       a drlora adapter as a PEFT folder
+  {PROG} import-peft PEFT_DIR OUT [--model M]   a PEFT adapter as a drlora folder
+  ({PROG} train ... is this command, named explicitly; each has its own --help)
+
+flags, data formats and the method: docs/training.md"""
+
+# help of the flags that the loops below add (shown with their defaults)
+FLAG_HELP = {
+    "r_init": "initial rank of every expert",
+    "r_target": "average final rank per expert: the budget",
+    "r_max": "rank cap of one expert",
+    "t_grow": "steps between growth events (shrunk for short runs)",
+    "p_grow": "per-event growth of one expert: floor((r_max - r_init) * p_grow) ranks",
+    "gamma": "rank penalty in the saliency",
+    "beta": "EMA factor of routing frequency and rank importance",
+    "t_buffer": "no growth in the last T_BUFFER steps (shrunk for short runs)",
+    "max_steps": "optimizer steps",
+    "batch_size": "global batch (split over the processes under torchrun)",
+    "lr": "AdamW peak learning rate (the paper's, for OLMoE; the tiny model wants about 1e-3 to 3e-3)",
+    "warmup_ratio": "linear warm-up fraction of the steps",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping (0: off)",
+    "max_length": "tokens per example (longer ones are truncated)",
+    "seed": "LoRA init, data order, eval split",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Options with a value show their default, unless their help already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def train_parser() -> Parser:
     d = TrainConfig(data="", output="")
-    p = Parser(prog=PROG, description="Train a DR-LoRA (or uniform / static) MoE expert LoRA adapter.")
+    p = Parser(prog=PROG, description="Train a DR-LoRA (or uniform / static) MoE expert LoRA adapter.",
+               epilog=EPILOG, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--model", default=d.model, help="tiny, tiny-qwen3-moe, tiny-qwen2-moe, tiny-mixtral, an alias (olmoe, "
       "qwen3-moe, qwen2-moe, mixtral), a local HF folder or a hub id")
     a("--data", required=True, help="JSONL: prompt+completion, messages or text records")
     a("--output", required=True, help="adapter folder to write")
-    a("--method", default=d.method, choices=["drlora", "lora", "static"])
+    a("--method", default=d.method, choices=["drlora", "lora", "static"],
+      help="drlora: dynamic ranks; lora: uniform r-target; static: ranks from the base's routing, fixed")
     g = p.add_argument_group("ranks and growth")
     for name, typ in (("r_init", int), ("r_target", int), ("r_max", int), ("t_grow", int),
                       ("p_grow", float), ("gamma", float), ("beta", float), ("t_buffer", int)):
-        g.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name))
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name), help=FLAG_HELP[name])
     g.add_argument("--frequency", default=d.frequency, choices=["weight", "count"],
                    help="routing frequency: mean routing weight (paper) or top-k counts (public code)")
     g.add_argument("--importance", default=d.importance, choices=["product", "sum"],
@@ -54,22 +95,26 @@ def train_parser() -> Parser:
     o = p.add_argument_group("optimisation")
     for name, typ in (("max_steps", int), ("batch_size", int), ("lr", float), ("warmup_ratio", float),
                       ("weight_decay", float), ("max_grad_norm", float), ("max_length", int), ("seed", int)):
-        o.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name))
+        o.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name), help=FLAG_HELP[name])
     e = p.add_argument_group("data and eval")
-    e.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
+    e.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out share of --data")
     e.add_argument("--eval-data", default=None, help="held-out JSONL (instead of --eval-fraction)")
-    e.add_argument("--eval-max-examples", type=int, default=d.eval_max_examples)
-    e.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
-    e.add_argument("--static-examples", type=int, default=d.static_examples)
+    e.add_argument("--eval-max-examples", type=int, default=d.eval_max_examples, help="eval examples used")
+    e.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens,
+                   help="greedy tokens generated for exact match")
+    e.add_argument("--static-examples", type=int, default=d.static_examples,
+                   help="training examples the static method routes through the base")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    r.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    r.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="base weights (auto: bfloat16 on CUDA, float32 on CPU; LoRA is fp32)")
+    r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="write OUTPUT/checkpoint/state.pt every N steps (0: never)")
     r.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
-    r.add_argument("--log-every", type=int, default=d.log_every)
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--log-every", type=int, default=d.log_every, help="steps between console JSON lines")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     r.add_argument("--push", default=None, metavar="URL", help="after training, load the adapter into a running server")
-    r.add_argument("--api-key", default=None)
+    r.add_argument("--api-key", default=None, help="bearer token for --push")
     return p
 
 

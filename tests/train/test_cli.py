@@ -135,3 +135,22 @@ def test_push_to_nothing_raises(tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(PushError, match=f"push: could not reach http://127.0.0.1:{port} .*adapter is written in"):
         push(f"http://127.0.0.1:{port}", "a", tmp_path, None, timeout=5)
+
+
+def test_help_names_the_subcommands_and_the_defaults(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "drlora-train export --format peft" in out and "drlora-train import-peft" in out
+    entries = {}  # flag -> its help text, joined over its lines
+    for line in out.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif line.startswith("    ") and entries:
+            entries[flag] += " " + line.strip()
+    for flag, default in (("--r-init", 8), ("--r-target", 16), ("--r-max", 32), ("--lr", "2e-05"),
+                          ("--max-steps", 200), ("--batch-size", 8), ("--weight-decay", 0.0),
+                          ("--eval-fraction", 0.1), ("--log-every", 10), ("--checkpoint-every", 0)):
+        assert f"(default: {default})" in " ".join(entries[flag].split()), flag
+    for cmd in ("export", "import-peft"):
+        assert main([cmd, "--help"]) == 0

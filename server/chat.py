@@ -124,7 +124,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
     created = int(time.time())
     k = req.top_logprobs or 0
     opts = req.stream_options
-    completion_tokens = 0
+    tokens = [0] * req.n  # completion tokens per choice
+    continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -133,17 +134,17 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    def usage() -> dict:
+    def usage(completion_tokens: int) -> dict:
         return {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
                 "total_tokens": len(ids) + completion_tokens}
 
     try:
         for i in range(req.n):  # the role comes first, before any content
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None}])
+                          "logprobs": None, "finish_reason": None}], usage(0) if continuous else None)
         async for _, out in stream:
             for o in out.outputs:
-                completion_tokens += len(o.token_ids)
+                tokens[o.index] += len(o.token_ids)
                 if not o.text and not o.token_ids and o.finish_reason is None:
                     continue
                 lp = {"content": _logprobs(state, o.token_ids, o.logprobs, k)} if req.logprobs else None
@@ -156,9 +157,9 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
                         finish = "tool_calls"
                 yield chunk([{"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish,
                               "stop_reason": o.stop_reason}],
-                            usage() if opts and opts.include_usage and opts.continuous_usage_stats else None)
+                            usage(tokens[o.index]) if continuous else None)  # this choice's own (as vLLM)
         if opts and opts.include_usage:
-            yield chunk([], usage())
+            yield chunk([], usage(sum(tokens)))
     except Exception as exc:  # noqa: BLE001 - reported inside the stream
         yield sse_error(exc)
     finally:

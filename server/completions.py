@@ -54,10 +54,12 @@ async def prompts_of(state: ServerState, req: CompletionRequest, max_tokens: int
 
 
 class LogprobsBuilder:
-    """OpenAI completions logprobs (tokens, token_logprobs, top_logprobs, text_offset)."""
+    """OpenAI completions logprobs (tokens, token_logprobs, top_logprobs, text_offset); each
+    top_logprobs entry holds the k most likely and the token itself."""
 
-    def __init__(self, state: ServerState, offset: int = 0) -> None:
+    def __init__(self, state: ServerState, k: int, offset: int = 0) -> None:
         self.state = state
+        self.k = k
         self.offset = offset
 
     def build(self, ids: list[int], entries: list[TokenLogprob | None] | None) -> dict:
@@ -72,7 +74,8 @@ class LogprobsBuilder:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
                 continue
-            top = {self.state.token_text(t): g.logprob_json(lp) for t, lp in e.top.items()}
+            # (the engine may have scored more: echo's prompt entries come at prompt_logprobs's k too)
+            top = {self.state.token_text(t): g.logprob_json(lp) for t, lp in list(e.top.items())[:self.k]}
             top.setdefault(text, g.logprob_json(e.logprob))  # the chosen token is always listed, like vLLM
             out["token_logprobs"].append(g.logprob_json(e.logprob))
             out["top_logprobs"].append(top)
@@ -87,7 +90,7 @@ def _choice(state: ServerState, req: CompletionRequest, p: Prompt, out: RequestO
             o: CompletionOutput, index: int) -> dict:
     text, logprobs = o.text, None
     if req.logprobs is not None:
-        lb = LogprobsBuilder(state)
+        lb = LogprobsBuilder(state, req.logprobs)
         if req.echo:
             plp = lb.build(p.ids, out.prompt_logprobs)
             lb.offset = len(_echo_text(state, p))  # token pieces may not add up to the text
@@ -146,18 +149,17 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
     builders: dict[int, LogprobsBuilder] = {}  # choice index -> started (echo sent)
     held: dict[int, list[CompletionOutput]] = {}  # choice index -> deltas waiting for the echo
     prompt_lps: dict[int, list] = {}  # prompt index -> its prompt logprobs so far
-    tokens = [0] * len(prompts)  # completion tokens per prompt
+    tokens: dict[int, int] = {}  # choice index -> completion tokens so far
     opts = req.stream_options
     echo_lp = req.echo and req.logprobs is not None
 
-    def usage() -> dict:
-        pt, ct = sum(len(p.ids) for p in prompts), sum(tokens)
+    def usage(pt: int, ct: int) -> dict:
         return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
 
     def render(i: int, idx: int, deltas: list[CompletionOutput]) -> str | None:
         text, logprobs, finish, stop_reason = "", None, None, None
         if idx not in builders:  # first chunk of this choice
-            builders[idx] = lb = LogprobsBuilder(state)
+            builders[idx] = lb = LogprobsBuilder(state, req.logprobs or 0)
             if req.echo:
                 text = _echo_text(state, prompts[i])
                 if req.logprobs is not None:
@@ -175,8 +177,8 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
         chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
                  "choices": [{"index": idx, "text": text, "logprobs": logprobs, "finish_reason": finish,
                               "stop_reason": stop_reason}]}
-        if opts and opts.include_usage and opts.continuous_usage_stats:
-            chunk["usage"] = usage()
+        if opts and opts.include_usage and opts.continuous_usage_stats:  # this choice's own (as vLLM)
+            chunk["usage"] = usage(len(prompts[i].ids), tokens.get(idx, 0))
         return f"data: {json.dumps(chunk)}\n\n"
 
     try:
@@ -185,8 +187,8 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
                 prompt_lps.setdefault(i, []).extend(out.prompt_logprobs)
             scored = not echo_lp or len(prompt_lps.get(i, ())) >= len(prompts[i].ids)
             for o in out.outputs:
-                tokens[i] += len(o.token_ids)
                 idx = i * req.n + o.index
+                tokens[idx] = tokens.get(idx, 0) + len(o.token_ids)
                 if idx not in builders and not scored and o.finish_reason is None:
                     held.setdefault(idx, []).append(o)  # the echo needs every prompt logprob first
                     continue
@@ -200,7 +202,7 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
                         yield data
         if opts and opts.include_usage:
             chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                     "choices": [], "usage": usage()}
+                     "choices": [], "usage": usage(sum(len(p.ids) for p in prompts), sum(tokens.values()))}
             yield f"data: {json.dumps(chunk)}\n\n"
     except Exception as exc:  # noqa: BLE001 - reported inside the stream
         yield sse_error(exc)

@@ -348,3 +348,51 @@ def test_tokenize_detokenize_ping_and_cors(make_client, tokenizer):
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*"
     r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Origin": "http://example.com"})
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"
+
+
+def test_continuous_usage_counts_each_choice(make_client):
+    """stream_options.continuous_usage_stats: each chunk's usage is its own choice's tokens so
+    far and its own prompt's tokens (as vLLM), the role chunks count 0; the final usage chunk
+    sums every choice."""
+    c, _ = make_client()
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    r = c.post("/v1/completions", json={"prompt": ["a b c", "d"], "n": 2, "max_tokens": 3, "stream": True,
+                                        "logprobs": 0, "stream_options": opts})
+    *steps, final = sse(r)
+    seen: dict[int, int] = {}
+    for ch in steps:
+        (choice,) = ch["choices"]
+        seen[choice["index"]] = seen.get(choice["index"], 0) + len(choice["logprobs"]["tokens"])
+        u = ch["usage"]
+        assert u["completion_tokens"] == seen[choice["index"]], ch
+        assert u["prompt_tokens"] == (3 if choice["index"] < 2 else 1)
+        assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert final["usage"] == {"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16}
+    msgs = [{"role": "user", "content": "hi"}]
+    r = c.post("/v1/chat/completions", json={"messages": msgs, "n": 2, "max_tokens": 3, "stream": True,
+                                             "logprobs": True, "stream_options": opts})
+    *steps, final = sse(r)
+    prompt = steps[0]["usage"]["prompt_tokens"]
+    assert [ch["usage"]["completion_tokens"] for ch in steps[:2]] == [0, 0]  # the role chunks
+    seen = {}
+    for ch in steps[2:]:
+        (choice,) = ch["choices"]
+        seen[choice["index"]] = seen.get(choice["index"], 0) + len(choice["logprobs"]["content"])
+        assert ch["usage"] == {"prompt_tokens": prompt, "completion_tokens": seen[choice["index"]],
+                               "total_tokens": prompt + seen[choice["index"]]}
+    assert final["usage"]["completion_tokens"] == 6
+
+
+def test_echo_top_logprobs_keep_to_logprobs_with_prompt_logprobs(make_client):
+    """echo + logprobs=k: every top_logprobs entry lists at most the k most likely and the
+    token itself, however many prompt_logprobs the same request asks for."""
+    c, _ = make_client()
+    body = {"prompt": "hello world", "max_tokens": 2, "echo": True, "logprobs": 0, "prompt_logprobs": 1}
+    r = c.post("/v1/completions", json=body)
+    ch = r.json()["choices"][0]
+    tops = ch["logprobs"]["top_logprobs"]
+    assert tops[0] is None and all(len(t) == 1 for t in tops[1:]), tops
+    assert all(1 <= len(e) <= 2 for e in ch["prompt_logprobs"][1:])  # prompt_logprobs keeps its own k
+    streamed = [t for chunk in sse(c.post("/v1/completions", json={**body, "prompt_logprobs": None, "stream": True}))
+                for t in chunk["choices"][0]["logprobs"]["top_logprobs"]]
+    assert streamed[0] is None and all(len(t) == 1 for t in streamed[1:]), streamed

@@ -192,16 +192,20 @@ class ToolCallStream:
         self.sent: list[int] = []  # argument characters sent per call (-1: header not sent)
 
     def feed(self, delta: str) -> list[dict]:
+        """At most one entry per call: its header (first time) and its new argument text
+        together, as vLLM sends them (clients may key a delta's entries by index)."""
         self.text += delta
         out = []
         for i, c in enumerate(scan(self.req, self.text)):
             if c.name is None:
                 break
+            entry: dict = {"index": i, "function": {}}
             if i >= len(self.sent):
                 self.sent.append(0)
-                out.append({"index": i, "id": new_call_id(), "type": "function",
-                            "function": {"name": c.name, "arguments": ""}})
+                entry.update(id=new_call_id(), type="function", function={"name": c.name, "arguments": ""})
             if len(c.args) > self.sent[i]:
-                out.append({"index": i, "function": {"arguments": c.args[self.sent[i]:]}})
+                entry["function"]["arguments"] = c.args[self.sent[i]:]
                 self.sent[i] = len(c.args)
+            if entry["function"]:
+                out.append(entry)
         return out

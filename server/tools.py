@@ -51,6 +51,11 @@ def tool_constraint(req) -> tuple[StructuredOutputsParams, str] | None:
     names = [t.function.name for t in tools]
     if len(set(names)) != len(names):
         raise bad_request("tool names must be unique", "tools")
+    for t in tools:  # the arguments of a call are an object (OpenAI refuses other schemas too)
+        kind = (t.function.parameters or {}).get("type", "object")
+        if kind != "object" and kind != ["object"]:
+            raise bad_request(f"the parameters of function {t.function.name!r} must be a JSON schema of "
+                              f'"type": "object", not {json.dumps(kind)}', "tools")
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                                    "parameters": t.function.parameters or ANY_OBJECT},

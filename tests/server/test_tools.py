@@ -45,3 +45,25 @@ def test_one_entry_per_call_in_each_delta():
     assert entry["index"] == 0 and entry["id"].startswith("call_")
     assert entry["function"] == {"name": "g", "arguments": '{"b": 2}'}
     assert named.feed("") == []
+
+
+def test_parameters_that_are_not_an_object_schema_are_refused():
+    """A call's arguments are a JSON object (OpenAI's contract): a constrained tool whose
+    `parameters` declares another type is a 400 naming it (as OpenAI), not arguments such as
+    '"text"' or '5' that clients cannot read as keyword arguments."""
+    import pytest
+
+    from server.errors import APIError
+    from server.tools import tool_constraint
+
+    for params in ({"type": "string"}, {"type": ["array", "null"]}):
+        tools = [TOOLS[0], {"type": "function", "function": {"name": "h", "parameters": params}}]
+        for choice in ("required", {"type": "function", "function": {"name": "h"}}):
+            req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=tools, tool_choice=choice)
+            with pytest.raises(APIError) as e:
+                tool_constraint(req)
+            assert e.value.status == 400 and e.value.param == "tools" and "'h'" in e.value.message
+    for params in ({"type": "object"}, {"properties": {}}, None, {"type": ["object"]}):
+        tools = [{"type": "function", "function": {"name": "h", "parameters": params}}]
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=tools, tool_choice="required")
+        assert tool_constraint(req) is not None

@@ -104,7 +104,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
         message, finish = {"role": "assistant", "content": o.text}, o.finish_reason
         calls = T.tool_calls(req, o.text) if tool is not None and finish == "stop" else None
         if calls is not None:  # (an output cut by max_tokens stays text, finish_reason "length")
-            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, \
+                T.finish_reason(req, o.text, finish)
         choices.append({"index": o.index, "message": message, "logprobs": lp, "finish_reason": finish,
                         "stop_reason": o.stop_reason})
     body = {"id": rid, "object": "chat.completion", "created": int(time.time()),
@@ -119,7 +120,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
                   ids: list[int], stream: AsyncIterator[tuple[int, RequestOutput]], tools: bool = False):
     """SSE chunks from the request's delta outputs (each carries only what is new); with a
     tool constraint, OpenAI's tool-call deltas (a call's id, type and name first, then pieces
-    of its arguments) and finish_reason "tool_calls"."""
+    of its arguments) and finish_reason "tool_calls" ("stop" for a named function)."""
     calls = {i: T.ToolCallStream(req) for i in range(req.n)} if tools else None
     created = int(time.time())
     k = req.top_logprobs or 0
@@ -153,8 +154,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
                     cs = calls[o.index]
                     entries = cs.feed(o.text)
                     delta = {"tool_calls": entries} if entries else {}
-                    if finish == "stop" and T.tool_calls(req, cs.text) is not None:
-                        finish = "tool_calls"
+                    finish = T.finish_reason(req, cs.text, finish)
                 yield chunk([{"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish,
                               "stop_reason": o.stop_reason}],
                             usage(tokens[o.index]) if continuous else None)  # this choice's own (as vLLM)

@@ -188,6 +188,14 @@ def tool_calls(req, text: str) -> list[dict] | None:
             for c in calls]
 
 
+def finish_reason(req, text: str, finish: str | None) -> str | None:
+    """The choice's finish_reason: for a complete call list, "tool_calls" with "required" and
+    "stop" with a named function (a forced call), as OpenAI and vLLM; else the engine's."""
+    if finish == "stop" and req.tool_choice == "required" and tool_calls(req, text) is not None:
+        return "tool_calls"
+    return finish
+
+
 class ToolCallStream:
     """Streamed tool calls of one choice: the OpenAI delta entries for the text so far."""
 

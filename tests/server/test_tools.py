@@ -67,3 +67,16 @@ def test_parameters_that_are_not_an_object_schema_are_refused():
         tools = [{"type": "function", "function": {"name": "h", "parameters": params}}]
         req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=tools, tool_choice="required")
         assert tool_constraint(req) is not None
+
+
+def test_finish_reason_of_calls():
+    """OpenAI's (and vLLM's) finish_reason for a finished output that is a complete call list:
+    "tool_calls" with tool_choice "required", "stop" with a named function (a forced call);
+    an output cut before its calls are complete keeps the engine's reason."""
+    from server.tools import finish_reason
+
+    required, named = request("required"), request({"type": "function", "function": {"name": "f"}})
+    assert finish_reason(required, '[{"name": "f", "parameters": {}}]', "stop") == "tool_calls"
+    assert finish_reason(named, '{"a": 1}', "stop") == "stop"
+    assert finish_reason(required, '[{"name": "f", "parameters": {', "length") == "length"
+    assert finish_reason(named, '{"a": ', "length") == "length"

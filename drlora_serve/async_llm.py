@@ -134,7 +134,7 @@ class AsyncLLM:
 
     async def shutdown(self, graceful: bool = True) -> None:
         self._accepting = False
-        if self._proc is None:
+        if self._proc is None or self._ctx is None:  # never started, or stopped already (a failed start)
             return
         if graceful:
             while self.processor.has_unfinished() and not self.dead:

@@ -24,7 +24,7 @@ class EngineArgs:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 4096
     block_size: int = 16
-    num_kv_blocks: int | None = None  # overrides the memory-fraction sizing (CPU default: 2048)
+    num_kv_blocks: int | None = None  # overrides the memory-fraction sizing (CPU default: kv_cache.CPU_DEFAULT_BLOCKS)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
     # decode batch sizes captured at start-up (vLLM's name; default: cuda_graphs.DEFAULT_SIZES up

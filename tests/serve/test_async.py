@@ -179,3 +179,24 @@ def test_engine_core_death_fails_requests_in_flight(tiny_dir, tokenizer):
         await eng.shutdown()
 
     asyncio.run(main())
+
+
+def test_failed_start_then_shutdown_is_quiet(tiny_dir, tokenizer):
+    """A core that fails to start (here: a max_model_len past the model's positions) is a
+    RuntimeError from start(); the server's shutdown() afterwards sends nothing on the closed
+    sockets (it used to leave a 'Future exception was never retrieved ... ZMQError' traceback)."""
+    eng = AsyncLLM(engine_args(tiny_dir, max_model_len=100_000), tokenizer=tokenizer)
+    unretrieved = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: unretrieved.append(ctx))
+        with pytest.raises(RuntimeError, match="failed to start"):
+            await eng.start()
+        await eng.shutdown()
+        await eng.shutdown()  # (twice: still nothing to do)
+
+    asyncio.run(main())
+    import gc
+
+    gc.collect()  # an unretrieved future's exception is reported when it is collected
+    assert not unretrieved, unretrieved

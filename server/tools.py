@@ -57,10 +57,18 @@ def tool_constraint(req) -> tuple[StructuredOutputsParams, str] | None:
             raise bad_request(f"the parameters of function {t.function.name!r} must be a JSON schema of "
                               f'"type": "object", not {json.dumps(kind)}', "tools")
     if choice == "required":
-        calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                                   "parameters": t.function.parameters or ANY_OBJECT},
-                  "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
+        defs: dict[str, dict] = {}  # tools whose parameters hold local $refs, moved under the root
+        calls = []
+        for i, t in enumerate(tools):
+            params = t.function.parameters or ANY_OBJECT
+            if _has_local_ref(params):
+                defs[f"drlora_tool_{i}"] = _rebased(params, f"#/$defs/drlora_tool_{i}")
+                params = {"$ref": f"#/$defs/drlora_tool_{i}"}
+            calls.append({"type": "object", "properties": {"name": {"const": t.function.name}, "parameters": params},
+                          "required": ["name", "parameters"], "additionalProperties": False})
         schema = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+        if defs:
+            schema["$defs"] = defs
         if not req.parallel_tool_calls:
             schema["maxItems"] = 1
         return StructuredOutputsParams(json=schema), "tools"
@@ -69,6 +77,54 @@ def tool_constraint(req) -> tuple[StructuredOutputsParams, str] | None:
         raise bad_request(f"tool_choice names the function {choice.function.name!r}, which is not among the tools",
                           "tool_choice")
     return StructuredOutputsParams(json=tool.function.parameters or ANY_OBJECT), "tools"
+
+
+# keywords whose values are data, not schemas (a "$ref" inside them is no reference), and those
+# whose values map names (which may be spelled like keywords: a property "default") to schemas
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def _local_ref(k: str, v) -> bool:
+    return k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/"))
+
+
+def _has_local_ref(schema) -> bool:
+    if isinstance(schema, list):
+        return any(_has_local_ref(x) for x in schema)
+    if not isinstance(schema, dict):
+        return False
+    for k, v in schema.items():
+        if _local_ref(k, v):
+            return True
+        if k in _SCHEMA_MAPS and isinstance(v, dict):
+            if any(_has_local_ref(sub) for sub in v.values()):
+                return True
+        elif k not in _DATA_KEYWORDS and _has_local_ref(v):
+            return True
+    return False
+
+
+def _rebased(schema, base: str):
+    """A copy of a schema placed at the JSON pointer `base` of a larger one: its local $refs
+    ("#", "#/$defs/X", "#/properties/...") were relative to its own root and now point into
+    `base` (nested in "required"'s array, a tool's "#/$defs/..." would resolve at the array's
+    root, where nothing is: pydantic's models write such refs)."""
+    if isinstance(schema, list):
+        return [_rebased(x, base) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if _local_ref(k, v):
+            out[k] = base + v[1:]
+        elif k in _SCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: _rebased(sub, base) for name, sub in v.items()}
+        elif k in _DATA_KEYWORDS:
+            out[k] = v
+        else:
+            out[k] = _rebased(v, base)
+    return out
 
 
 @dataclass

@@ -1,6 +1,9 @@
-"""Streamed tool calls (server/tools.py) without a server: what each text delta becomes."""
+"""Tool calls (server/tools.py) without a server: the constraint a request becomes, what each
+streamed text delta becomes, the finish reason."""
 
 from __future__ import annotations
+
+import pytest
 
 from server.protocol import ChatCompletionRequest
 from server.tools import ToolCallStream, tool_calls
@@ -51,8 +54,6 @@ def test_parameters_that_are_not_an_object_schema_are_refused():
     """A call's arguments are a JSON object (OpenAI's contract): a constrained tool whose
     `parameters` declares another type is a 400 naming it (as OpenAI), not arguments such as
     '"text"' or '5' that clients cannot read as keyword arguments."""
-    import pytest
-
     from server.errors import APIError
     from server.tools import tool_constraint
 
@@ -80,3 +81,44 @@ def test_finish_reason_of_calls():
     assert finish_reason(named, '{"a": 1}', "stop") == "stop"
     assert finish_reason(required, '[{"name": "f", "parameters": {', "length") == "length"
     assert finish_reason(named, '{"a": ', "length") == "length"
+
+
+# parameters as pydantic writes them: shared definitions under $defs, a recursive one, refs into them
+NESTED = {"type": "object", "$defs": {
+    "Unit": {"enum": ["C", "F"], "type": "string"},
+    "Place": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                               "near": {"anyOf": [{"$ref": "#/$defs/Place"}, {"type": "null"}]}},
+              "required": ["city"], "additionalProperties": False}},
+    "properties": {"place": {"$ref": "#/$defs/Place"}, "unit": {"$ref": "#/$defs/Unit"}},
+    "required": ["place", "unit"], "additionalProperties": False}
+OTHER = {"type": "object", "definitions": {"Unit": {"type": "integer"}},  # the same name, another schema
+         "properties": {"n": {"$ref": "#/definitions/Unit"}, "same": {"$ref": "#"},
+                        "default": {"$ref": "#/definitions/Unit", "default": {"$ref": "#/data"}}},
+         "additionalProperties": False}
+
+
+def test_required_keeps_each_tools_refs():
+    """tool_choice "required" nests every tool's parameters in one array schema: their local
+    $refs ("#/$defs/...", "#/definitions/...", "#") still mean the tool's own schema (pydantic
+    models write $defs), even when two tools define the same name differently."""
+    import jsonschema
+
+    from drlora_serve.structured import GrammarValidator
+    from server.tools import tool_constraint
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": NESTED}},
+             {"type": "function", "function": {"name": "g", "parameters": OTHER}}]
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=tools, tool_choice="required")
+    so, _ = tool_constraint(req)
+    GrammarValidator().check(so)  # compiles (a ref resolved from the wrapper's root did not)
+    good = [{"name": "f", "parameters": {"place": {"city": "Paris", "near": {"city": "Lyon", "near": None}},
+                                         "unit": "C"}},
+            {"name": "g", "parameters": {"n": 3, "same": {"n": 4}, "default": 5}}]
+    jsonschema.validate(good, so.json)
+    for bad in ([{"name": "f", "parameters": {"place": {"city": "Paris"}, "unit": "K"}}],
+                [{"name": "f", "parameters": {"place": {"near": None}, "unit": "C"}}],
+                [{"name": "g", "parameters": {"n": "C"}}], [{"name": "g", "parameters": {"default": "x"}}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, so.json)
+    assert "$defs" in NESTED and NESTED["properties"]["place"] == {"$ref": "#/$defs/Place"}  # not mutated
+    assert so.json["$defs"]["drlora_tool_1"]["properties"]["default"]["default"] == {"$ref": "#/data"}  # data

@@ -86,7 +86,6 @@ def structured_of(req, defaults: dict | None = None) -> tuple[StructuredOutputsP
     json_schema), structured_outputs, or vLLM's guided_json / guided_regex / guided_choice /
     guided_grammar; at most one of them. `defaults`: the server's --structured-outputs-config."""
     found: list[tuple[str, StructuredOutputsParams]] = []
-    defaults = defaults or {}
     rf = req.response_format
     if rf is not None and rf.type != "text":
         found.append(("response_format", StructuredOutputsParams(json=rf.json_schema.json_schema)
@@ -95,10 +94,7 @@ def structured_of(req, defaults: dict | None = None) -> tuple[StructuredOutputsP
     if so is not None and any(v is not None and v is not False for v in (so.json_, so.regex, so.choice, so.grammar,
                                                                          so.json_object)):
         found.append(("structured_outputs", StructuredOutputsParams(
-            json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object,
-            disable_any_whitespace=so.disable_any_whitespace or defaults.get("disable_any_whitespace", False),
-            disable_additional_properties=so.disable_additional_properties
-            or defaults.get("disable_additional_properties", False))))
+            json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object)))
     for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                       ("guided_grammar", "grammar")):
         v = getattr(req, name)
@@ -110,13 +106,21 @@ def structured_of(req, defaults: dict | None = None) -> tuple[StructuredOutputsP
     if not found:
         return None, None
     name, so = found[0]
-    if name != "structured_outputs":
-        so = with_defaults(so, defaults)
-    return so, name
+    return with_options(so, req, defaults), name
 
 
-def with_defaults(so: StructuredOutputsParams, defaults: dict) -> StructuredOutputsParams:
-    return dataclasses.replace(so, **defaults) if defaults else so
+OPTION_KEYS = ("disable_any_whitespace", "disable_additional_properties")
+
+
+def with_options(so: StructuredOutputsParams, req, defaults: dict | None) -> StructuredOutputsParams:
+    """`so` with the options of structured outputs: the server's --structured-outputs-config,
+    overridden by those the request's `structured_outputs` sets, whichever field gave the
+    constraint (`{"disable_any_whitespace": true}` beside `response_format` or tools too)."""
+    opts = {k: v for k, v in (defaults or {}).items() if k in OPTION_KEYS}
+    given = getattr(req, "structured_outputs", None)
+    if given is not None:
+        opts.update({k: getattr(given, k) for k in OPTION_KEYS if k in given.model_fields_set})
+    return dataclasses.replace(so, **opts) if opts else so
 
 
 def vocab_ids(state: ServerState, values, param: str) -> list[int]:
@@ -146,7 +150,7 @@ def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | No
         vocab_ids(state, bias, "logit_bias")
     defaults = state.config.structured_defaults
     if constraint is not None:
-        so, so_field = with_defaults(constraint[0], defaults), constraint[1]
+        so, so_field = with_options(constraint[0], req, defaults), constraint[1]
     else:
         so, so_field = structured_of(req, defaults)
     if so is not None:

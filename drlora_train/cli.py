@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from drlora.cli_help import DefaultsHelpFormatter
 from drlora_train.config import ConfigError, TrainConfig
 
 PROG = "drlora-train"
@@ -57,21 +58,10 @@ FLAG_HELP = {
 }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Options with a value show their default, unless their help already names it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("default" in text or not action.option_strings or action.default is None
-                or action.default is False or action.default is argparse.SUPPRESS):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def train_parser() -> Parser:
     d = TrainConfig(data="", output="")
     p = Parser(prog=PROG, description="Train a DR-LoRA (or uniform / static) MoE expert LoRA adapter.",
-               epilog=EPILOG, formatter_class=HelpFormatter)
+               epilog=EPILOG, formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default=d.model, help="tiny, tiny-qwen3-moe, tiny-qwen2-moe, tiny-mixtral, an alias (olmoe, "
       "qwen3-moe, qwen2-moe, mixtral), a local HF folder or a hub id")

@@ -35,8 +35,8 @@ def resolve_lora_path(path: str, roots: list[str]) -> str:
 
 def _check_enabled(state: ServerState) -> None:
     if not state.config.allow_runtime_lora_updating:
-        raise APIError(403, "Runtime adapter loading is disabled on this server (started with "
-                            "--disable-runtime-lora-updating)")
+        raise APIError(403, "Runtime adapter loading is disabled on this server (--disable-runtime-lora-updating, "
+                            "or DRLORA_ALLOW_RUNTIME_LORA_UPDATING / VLLM_ALLOW_RUNTIME_LORA_UPDATING false)")
 
 
 def _names(engine: EngineClient) -> dict[str, str]:

@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from drlora.cli_help import DefaultsHelpFormatter
 from drlora_serve.config import EngineArgs
 
 TRUE = {"1", "true", "yes", "on"}
@@ -72,7 +73,7 @@ def _structured_config(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="drlora-serve", description="OpenAI-compatible server for MoE LoRA adapters "
-                "with per-expert ranks (vLLM's multi-LoRA API).")
+                "with per-expert ranks (vLLM's multi-LoRA API).", formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="tiny", help="tiny, tiny-qwen3-moe, tiny-qwen2-moe, tiny-mixtral, an alias (olmoe, "
       "olmoe-instruct, qwen3-moe, qwen2-moe, mixtral), a folder or a hub id")
@@ -84,26 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
       "(repeatable; default: --adapters plus the parents of --lora-modules)")
     a("--watch-interval", type=_positive(float), default=2.0, help="seconds between adapter folder polls")
     a("--host", default="127.0.0.1", help="bind address (0.0.0.0 to listen on all interfaces)")
-    a("--port", type=int, default=8000)
+    a("--port", type=int, default=8000, help="TCP port")
     a("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
       "(default: $DRLORA_API_KEY or $VLLM_API_KEY)")
-    a("--max-loras", type=_positive(int), default=EngineArgs.max_loras)
-    a("--max-cpu-loras", type=_positive(int), default=EngineArgs.max_cpu_loras)
-    a("--max-lora-rank", type=_positive(int), default=EngineArgs.max_lora_rank)
+    a("--max-loras", type=_positive(int), default=EngineArgs.max_loras,
+      help="adapters resident on the device at once (one batch may mix them all)")
+    a("--max-cpu-loras", type=_positive(int), default=EngineArgs.max_cpu_loras,
+      help="adapters kept in host memory (an LRU; the others are read from disk when asked for)")
+    a("--max-lora-rank", type=_positive(int), default=EngineArgs.max_lora_rank,
+      help="largest rank of one expert or projection an adapter may have")
     a("--lora-pool-rank-rows", type=_positive(int), default=None,
       help="rank rows per (layer, projection) in the device pool of packed adapters "
       "(default: max-loras x experts x 16)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="auto: bfloat16 on CUDA, float32 on CPU")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--gpu-memory-utilization", type=_positive(float), default=EngineArgs.gpu_memory_utilization)
-    a("--max-model-len", type=_positive(int), default=None)
-    a("--max-num-seqs", type=_positive(int), default=EngineArgs.max_num_seqs)
-    a("--max-num-batched-tokens", type=_positive(int), default=EngineArgs.max_num_batched_tokens)
-    a("--block-size", type=_positive(int), default=EngineArgs.block_size)
-    a("--num-kv-blocks", type=_positive(int), default=None)
-    a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    a("--seed", type=int, default=EngineArgs.seed)
-    a("--enforce-eager", action="store_true")
+    a("--gpu-memory-utilization", type=_positive(float), default=EngineArgs.gpu_memory_utilization,
+      help="fraction of the GPU's memory for weights, adapter pool and KV cache")
+    a("--max-model-len", type=_positive(int), default=None,
+      help="longest prompt plus output (default: the model's max_position_embeddings)")
+    a("--max-num-seqs", type=_positive(int), default=EngineArgs.max_num_seqs, help="sequences in one batch")
+    a("--max-num-batched-tokens", type=_positive(int), default=EngineArgs.max_num_batched_tokens,
+      help="tokens in one step (longer prompts are prefilled in chunks)")
+    a("--block-size", type=_positive(int), default=EngineArgs.block_size, help="tokens per KV cache block")
+    a("--num-kv-blocks", type=_positive(int), default=None,
+      help="KV cache blocks (default: sized from --gpu-memory-utilization on CUDA, 1024 on CPU)")
+    a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+      help="turn off automatic prefix caching (on by default)")
+    a("--seed", type=int, default=EngineArgs.seed, help="seed of the sampler for requests without one, and of --load-format dummy weights")
+    a("--enforce-eager", action="store_true", help="no CUDA graphs")
     a("--cuda-graph-sizes", type=_positive(int), nargs="+", default=None,
       help="decode batch sizes captured as CUDA graphs at start-up (default: 1 2 4 8 16 24 32 48 64 96 "
       "128 192 256 up to --max-num-seqs, and --max-num-seqs)")
@@ -126,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--allow-runtime-lora-updating", dest="runtime_updates", action="store_true",
                    default=None, help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter "
-                   "(the default, unless $VLLM_ALLOW_RUNTIME_LORA_UPDATING is false)")
+                   "(the default, unless $DRLORA_ALLOW_RUNTIME_LORA_UPDATING or $VLLM_ALLOW_RUNTIME_LORA_UPDATING is false)")
     g.add_argument("--disable-runtime-lora-updating", dest="runtime_updates", action="store_false",
                    help="answer 403 on the load/unload endpoints")
     a("--shutdown-timeout", type=_positive(float), default=30.0,
@@ -135,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="most prompts x n one completion request may carry (a 400 beyond)")
     a("--max-request-mb", type=float, default=64.0,
       help="largest request body in MiB (a 413 beyond; 0: no limit)")
-    a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    a("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logging level")
     for flag in ("--allowed-origins", "--allowed-methods", "--allowed-headers"):
         a(flag, type=_string_list, default=["*"], metavar="JSON", help="CORS, as vLLM: a JSON list (default [\"*\"])")
     a("--allow-credentials", action="store_true", help="CORS: allow credentials")

@@ -101,6 +101,20 @@ def test_bad_flags_exit_2():
         assert r.stderr.count("\n") == 1 and "error" in r.stderr, r.stderr
 
 
+def test_help_shows_the_defaults():
+    """Every flag that takes a value shows its default (on/off switches do not: argparse would
+    print store_false's True); the runtime-updating switch names both environment variables."""
+    from server.cli import build_parser
+
+    out = " ".join(build_parser().format_help().split())
+    for flag, default in (("--port PORT", 8000), ("--max-loras MAX_LORAS", 16), ("--max-num-seqs MAX_NUM_SEQS", 128),
+                          ("--block-size BLOCK_SIZE", 16), ("--log-level {debug,info,warning,error}", "info")):
+        entry = out.split(flag)[-1].split(" --")[0]
+        assert f"(default: {default})" in entry, (flag, entry)
+    assert "(default: True)" not in out and "(default: False)" not in out
+    assert "$DRLORA_ALLOW_RUNTIME_LORA_UPDATING" in out
+
+
 def test_load_format_and_pool_flags_reach_the_engine():
     from server.cli import configure
 

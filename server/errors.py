@@ -116,11 +116,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not loc and str(first.get("type", "")).endswith("_type"):  # the body itself: not an object
         return "The request body must be a JSON object (content-type: application/json)", None
     where = ".".join(loc)
+    kind = first.get("type")
     msg = first.get("msg", "invalid value")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):  # JSON words, no class names
+        kind, msg = "accepts", "must be an object"
+    elif kind == "value_error":  # a validator's own words, without pydantic's prefix
+        msg = msg.removeprefix("Value error, ")
     more = f" (+{len(errs) - 1} more errors)" if len(errs) > 1 else ""
     # a request-level check names its field in ctx (see protocol.refuse_unsupported)
     param = (first.get("ctx") or {}).get("param") or (loc[0] if loc else None)
-    return (f"{where}: {msg}{more}" if where else f"{msg}{more}"), param
+    if not where:
+        return f"{msg}{more}", param
+    # "prompt must be a string, ..." (protocol._by_shape); else "prompt.0: <what is wrong>"
+    return f"{where} {msg}{more}" if kind == "accepts" else f"{where}: {msg}{more}", param
 
 
 class CatchAllMiddleware:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, WrapValidator, model_validator
 from pydantic_core import PydanticCustomError
 
 # Bounds keep requests sane (and keep the schema fuzzer inside them); the engine checks again.
@@ -40,6 +40,59 @@ def _encodable(value: str) -> str:
 # Every string a client sends goes through this type (prompts, messages, names, stop strings,
 # paths, dict keys), so that nothing downstream ever sees a string it cannot encode.
 Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def _by_shape(accepts: str, *members: tuple[Callable[[Any], bool], Any]) -> WrapValidator:
+    """Validates a union field as the one member (`(fits(value), type)`) that the value's JSON
+    shape selects. Pydantic would try every member and report each one's error under its
+    internal tag (`prompt.function-after[_encodable(), str]: ...`); this way an error is the
+    chosen member's, at its place (`prompt.0: ...`), and a value that fits no member says what
+    the field accepts (rendered as `prompt must be {accepts}`, see errors.py)."""
+    adapters = [(fits, TypeAdapter(member)) for fits, member in members]
+
+    def validate(value: Any, handler: Any) -> Any:
+        for fits, adapter in adapters:
+            if fits(value):
+                return adapter.validate_python(value)  # its errors nest under the field's place
+        raise PydanticCustomError("accepts", "must be {accepts}", {"accepts": accepts})
+    return WrapValidator(validate)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_dict(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, list)
+
+
+def _list_of(*kinds: type) -> Callable[[Any], bool]:
+    """A list whose first item is one of `kinds`; an empty list fits the list of strings (whose
+    error then says a prompt list must not be empty)."""
+    def fits(v: Any) -> bool:
+        if not isinstance(v, list):
+            return False
+        if not v:
+            return str in kinds
+        return isinstance(v[0], kinds) and not isinstance(v[0], bool)  # a bool is no token id
+    return fits
+
+
+# The union-typed request fields, each with what it accepts in words.
+Texts = Annotated[list[Text], Field(min_length=1)]
+TokenIdLists = Annotated[list[TokenIds], Field(min_length=1)]
+Prompt = Annotated[Text | Texts | TokenIds | TokenIdLists, _by_shape(
+    "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    (_is_str, Text), (_list_of(str), Texts), (_list_of(int, float), TokenIds), (_list_of(list), TokenIdLists))]
+Stop = Annotated[Text | list[Text], _by_shape("a string or a list of strings", (_is_str, Text), (_is_list, list[Text]))]
+JsonSchema = Annotated[dict[Text, Any] | Text, _by_shape(
+    "a JSON schema: an object, or its JSON text", (_is_dict, dict[Text, Any]), (_is_str, Text))]
+LogitBias = Annotated[dict[Text, float], _by_shape("an object mapping token ids to biases",
+                                                   (_is_dict, dict[Text, float]))]
 
 
 # ---------------------------------------------------------------------- unsupported options
@@ -172,7 +225,7 @@ class StructuredOutputsRequest(BaseModel):
     """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
 
     model_config = ConfigDict(extra="forbid")
-    json_: dict[Text, Any] | Text | None = Field(None, alias="json")
+    json_: JsonSchema | None = Field(None, alias="json")
     regex: Text | None = None
     choice: Annotated[list[Text], Field(min_length=1)] | None = None
     grammar: Text | None = None
@@ -192,14 +245,14 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(None, ge=-1, le=1_000_000, description="Extension: 0 or -1 disables")
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="Extension (vLLM)")
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
-    stop: Text | list[Text] | None = None
+    stop: Stop | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="Extension")
     ignore_eos: bool = Field(False, description="Extension")
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False, description="Extension (vLLM)")
     min_tokens: int = Field(0, ge=0, description="Extension (vLLM)")
-    logit_bias: dict[Text, float] | None = Field(None, description="token id (as a string) -> bias, clamped to [-100, 100]")
+    logit_bias: LogitBias | None = Field(None, description="token id (as a string) -> bias, clamped to [-100, 100]")
     bad_words: list[Text] | None = Field(None, description="Extension (vLLM)")
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="Extension (vLLM)")
     include_stop_str_in_output: bool = Field(False, description="Extension (vLLM)")
@@ -209,7 +262,7 @@ class _Sampling(BaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Extension (vLLM)")
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = Field(None, description="Extension (vLLM)")
-    guided_json: dict[Text, Any] | Text | None = Field(None, description="Extension (vLLM)")
+    guided_json: JsonSchema | None = Field(None, description="Extension (vLLM)")
     guided_regex: Text | None = Field(None, description="Extension (vLLM)")
     guided_choice: Annotated[list[Text], Field(min_length=1)] | None = Field(None, description="Extension (vLLM)")
     guided_grammar: Text | None = Field(None, description="Extension (vLLM)")
@@ -244,8 +297,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     endpoint: ClassVar[str] = "completions"
-    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | \
-        Annotated[list[TokenIds], Field(min_length=1)]
+    prompt: Prompt
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -275,7 +327,8 @@ class ToolCallIn(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Text = Field(min_length=1, max_length=64)
-    content: Text | list[TextPart] | None = None
+    content: Annotated[Text | list[TextPart], _by_shape(
+        "a string or a list of content parts", (_is_str, Text), (_is_list, list[TextPart]))] | None = None
     name: Text | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: Text | None = None
@@ -333,7 +386,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = Field(True, description="Extension")
     tools: list[ChatTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Annotated[Literal["none", "auto", "required"] | NamedToolChoice, _by_shape(
+        '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+        (_is_str, Literal["none", "auto", "required"]), (_is_dict, NamedToolChoice))] | None = None
     parallel_tool_calls: bool = True  # false: at most one call (tool_choice "required")
 
     def token_limit(self) -> int | None:

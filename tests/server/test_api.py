@@ -396,3 +396,56 @@ def test_echo_top_logprobs_keep_to_logprobs_with_prompt_logprobs(make_client):
     streamed = [t for chunk in sse(c.post("/v1/completions", json={**body, "prompt_logprobs": None, "stream": True}))
                 for t in chunk["choices"][0]["logprobs"]["top_logprobs"]]
     assert streamed[0] is None and all(len(t) == 1 for t in streamed[1:]), streamed
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path,body,param,message", [
+    # no member of the union has the value's shape: what the field accepts
+    ("completions", {"prompt": 5}, "prompt",
+     "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"),
+    ("completions", {"prompt": [True]}, "prompt",
+     "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"),
+    ("completions", {"prompt": "x", "stop": 5}, "stop", "stop must be a string or a list of strings"),
+    ("completions", {"prompt": "x", "guided_json": 5}, "guided_json",
+     "guided_json must be a JSON schema: an object, or its JSON text"),
+    ("completions", {"prompt": "x", "structured_outputs": {"json": 5}}, "structured_outputs",
+     "structured_outputs.json must be a JSON schema: an object, or its JSON text"),
+    ("completions", {"prompt": "x", "response_format": 5}, "response_format", "response_format must be an object"),
+    ("completions", {"prompt": "x", "logit_bias": [1]}, "logit_bias",
+     "logit_bias must be an object mapping token ids to biases"),
+    ("chat", {"messages": [{"role": "user", "content": 5}]}, "messages",
+     "messages.0.content must be a string or a list of content parts"),
+    ("chat", {"messages": CHAT, "tool_choice": 5}, "tool_choice",
+     'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+    # the value's shape picks the member: that member's error, at its place
+    ("completions", {"prompt": [-1]}, "prompt", "prompt.0: Input should be greater than or equal to 0"),
+    ("completions", {"prompt": [[1], []]}, "prompt", "prompt.1: List should have at least 1 item after validation, not 0"),
+    ("completions", {"prompt": ["a", 1]}, "prompt", "prompt.1: Input should be a valid string"),
+    ("completions", {"prompt": "x", "stop": ["a", None]}, "stop", "stop.1: Input should be a valid string"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages",
+     "messages.0.content.0.text: Field required"),
+    ("chat", {"messages": CHAT, "tool_choice": "sometimes"}, "tool_choice",
+     "tool_choice: Input should be 'none', 'auto' or 'required'"),
+    ("chat", {"messages": CHAT, "tool_choice": {"type": "function"}}, "tool_choice", "tool_choice.function: Field required"),
+    # a model-level check's own words, without pydantic's "Value error, "
+    ("completions", {"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format",
+     'response_format: response_format of type "json_schema" needs json_schema.schema'),
+])
+def test_union_fields_say_what_they_accept(make_client, path, body, param, message):
+    """Union-typed fields: no pydantic internals (member tags, class names) in the message."""
+    c, _ = make_client()
+    e = err(c.post(f"/v1/{path.replace('chat', 'chat/completions')}", json=body), 400, "BadRequestError")
+    assert (e["param"], e["message"]) == (param, message)
+
+
+def test_lone_surrogates_still_say_so_in_union_fields(make_client):
+    c, _ = make_client()
+    for body, param, where in (('{"prompt": "\\ud800"}', "prompt", "prompt: "),
+                               ('{"prompt": ["a", "\\ud800"]}', "prompt", "prompt.1: "),
+                               ('{"prompt": "x", "stop": "\\ud800"}', "stop", "stop: "),
+                               ('{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages", "messages.0.content: ")):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        e = err(c.post(path, content=body.encode(), headers={"content-type": "application/json"}), 400)
+        assert e["param"] == param and e["message"].startswith(where + "must be valid Unicode text"), e

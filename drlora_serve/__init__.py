@@ -25,6 +25,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "RequestOutput": ("drlora_serve.types", "RequestOutput"),
     "CompletionOutput": ("drlora_serve.types", "CompletionOutput"),
     "TokenLogprob": ("drlora_serve.types", "TokenLogprob"),
+    "Logprob": ("drlora_serve.types", "Logprob"),
+    "LoRARequest": ("drlora_serve.types", "LoRARequest"),
     "AdapterInfo": ("drlora_serve.types", "AdapterInfo"),
     "EngineStats": ("drlora_serve.types", "EngineStats"),
     "EngineClient": ("drlora_serve.types", "EngineClient"),
@@ -62,5 +64,5 @@ if TYPE_CHECKING:  # static analysers see the real names
     from drlora_serve.engine import LLMEngine
     from drlora_serve.llm import LLM
     from drlora_serve.types import (AdapterInfo, AdapterNotFoundError, CompletionOutput, EngineClient,
-                                    EngineStats, InvalidRequestError, RequestOutput, SamplingParams,
-                                    TokenLogprob)
+                                    EngineStats, InvalidRequestError, Logprob, LoRARequest, RequestOutput,
+                                    SamplingParams, TokenLogprob)

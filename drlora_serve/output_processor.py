@@ -28,13 +28,14 @@ from drlora_serve.types import CompletionOutput, RequestOutput, SamplingParams, 
 
 
 class SeqState:
-    __slots__ = ("index", "token_ids", "logprobs", "detok", "parts", "pending", "n_detok", "finish_reason",
-                 "stop_reason", "sent_tokens", "sent_parts", "finish_sent")
+    __slots__ = ("index", "token_ids", "logprobs", "cum_logprob", "detok", "parts", "pending", "n_detok",
+                 "finish_reason", "stop_reason", "sent_tokens", "sent_parts", "finish_sent")
 
     def __init__(self, index: int, detok: IncrementalDetokenizer | None, logprobs: bool):
         self.index = index
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
+        self.cum_logprob: float | None = 0.0 if logprobs else None  # vLLM's cumulative_logprob
         self.detok = detok  # None: the text is decoded once at the end
         self.parts: list[str] = []  # text that can be shown
         self.pending = ""  # text held back (a stop string may start in it)
@@ -96,6 +97,16 @@ class OutputProcessor:
         # (seconds per token, tokens) for requests that already had tokens
         self.ttfts: list[float] = []
         self.itls: list[tuple[float, int]] = []
+        self._token_text: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text on its own (Logprob.decoded_token, as vLLM: decoded when read, cached)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            if len(self._token_text) < 1_000_000:
+                self._token_text[token_id] = text
+        return text
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -159,7 +170,7 @@ class OutputProcessor:
             for j, lp in enumerate(pl.logprobs):
                 top = dict(zip(pl.top_ids[j][:k], pl.top_logprobs[j][:k])) if k and pl.top_ids else {}
                 rank = pl.ranks[j] if pl.ranks is not None else None
-                req.prompt_logprobs.append(TokenLogprob(toks[pl.first + j], lp, top, rank))
+                req.prompt_logprobs.append(TokenLogprob(toks[pl.first + j], lp, top, rank, self.token_text))
             touched[req.key] = req
         for i, (key, tok) in enumerate(zip(out.seq_keys, out.token_ids)):
             ent = seqs.get(key)
@@ -170,7 +181,8 @@ class OutputProcessor:
             st.token_ids.append(tok)
             if st.logprobs is not None and lps is not None and lps[i] is not None:
                 lp, ids, vals = lps[i]
-                st.logprobs.append(TokenLogprob(tok, lp, dict(zip(ids, vals))))
+                st.logprobs.append(TokenLogprob(tok, lp, dict(zip(ids, vals)), None, self.token_text))
+                st.cum_logprob += lp
             if st.detok is not None:
                 if tok not in req.stop_ids:
                     text = st.detok.step(tok)
@@ -272,7 +284,7 @@ class OutputProcessor:
                     continue
                 lps = st.logprobs[st.sent_tokens:] if st.logprobs is not None else None
                 outs.append(CompletionOutput(st.index, "".join(new_parts), new_tokens, st.finish_reason, lps,
-                                             st.stop_reason))
+                                             st.stop_reason, st.cum_logprob))
                 st.sent_tokens, st.sent_parts = len(st.token_ids), len(st.parts)
                 st.finish_sent = st.finish_reason is not None
             plp = None
@@ -289,7 +301,7 @@ class OutputProcessor:
                 st.parts = [text]  # keep joins cheap for the next snapshot
             ids = list(st.token_ids) if copy else st.token_ids
             lps = (list(st.logprobs) if copy else st.logprobs) if st.logprobs is not None else None
-            outs.append(CompletionOutput(st.index, text, ids, st.finish_reason, lps, st.stop_reason))
+            outs.append(CompletionOutput(st.index, text, ids, st.finish_reason, lps, st.stop_reason, st.cum_logprob))
         plp = req.prompt_logprobs
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, req.adapter,
                              list(plp) if copy and plp is not None else plp)

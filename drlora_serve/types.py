@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -101,6 +101,17 @@ class SamplingParams:
     # set by the frontend from bad_words (it has the tokenizer; vLLM's _bad_words_token_ids)
     bad_words_token_ids: list[list[int]] | None = None
 
+    def __post_init__(self) -> None:
+        # vLLM's normalization: one string is one stop string (not its characters), None is none
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise InvalidRequestError(f"max_tokens must be a non-negative integer, got {self.max_tokens}", "max_tokens")
@@ -166,11 +177,98 @@ class SamplingParams:
 
 
 @dataclass
-class TokenLogprob:
+class Logprob:
+    """One token's entry in a logprobs dict (vLLM's Logprob): its logprob, its rank in the
+    vocabulary (1: the most likely; None when the engine did not report it) and its text on
+    its own (`tokenizer.decode([token_id])`)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class TokenLogprob(Mapping):
+    """The logprobs of one position. Read as vLLM's dict[token id, Logprob]: the token itself
+    (sampled, or the prompt's) first, then the top k not already listed, so k or k + 1
+    entries; the top k have ranks 1..k, the token its own rank (when it is outside the top k:
+    the rank the engine reports, which it does for prompt tokens only, else None).
+    `token_id`, `logprob`, `top` (the top k as token id -> logprob, most likely first) and
+    `rank` are the same data as plain attributes."""
+
     token_id: int
     logprob: float
-    top: dict[int, float] = field(default_factory=dict)  # token id -> logprob
-    rank: int | None = None  # prompt logprobs: 1 + tokens more likely (vLLM's rank), else None
+    top: dict[int, float] = field(default_factory=dict)  # token id -> logprob, most likely first
+    rank: int | None = None  # 1 + tokens more likely (vLLM's rank), when known
+    # token id -> its text (decoded lazily; a dict once pickled or copied)
+    decoder: Callable[[int], str] | dict[int, str] | None = field(default=None, repr=False, compare=False)
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        if token_id in self.top:
+            lp, rank = self.top[token_id], list(self.top).index(token_id) + 1
+        elif token_id == self.token_id:
+            lp, rank = self.logprob, self.rank
+        else:
+            raise KeyError(token_id)
+        dec = self.decoder
+        text = dec.get(token_id) if isinstance(dec, dict) else dec(token_id) if dec is not None else None
+        return Logprob(lp, rank, text)
+
+    def __iter__(self) -> Iterator[int]:
+        yield self.token_id
+        for t in self.top:
+            if t != self.token_id:
+                yield t
+
+    def __len__(self) -> int:
+        return len(self.top) + (self.token_id not in self.top)
+
+    def __contains__(self, token_id: object) -> bool:
+        return token_id == self.token_id or token_id in self.top
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if callable(self.decoder):  # (the tokenizer behind it stays here)
+            state["decoder"] = {t: self.decoder(t) for t in self}
+        return state
+
+
+@dataclass(eq=False)
+class LoRARequest:
+    """Which adapter a request runs with (vLLM's LoRARequest). The name identifies the adapter
+    here: a registered name is used as it is (lora_path may be left empty; if given it must be
+    the folder the adapter was loaded from), an unknown one is loaded from lora_path on first
+    use. load_inplace=True loads lora_path again under the name (replacing what it holds).
+    lora_int_id must be >= 1, as in vLLM; it does not identify the adapter here."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
+    base_model_name: str | None = None  # accepted for vLLM compatibility (unused)
+    load_inplace: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
+            raise ValueError(f"lora_int_id must be an integer >= 1, got {self.lora_int_id!r}")
+        self.lora_path = str(self.lora_path or "")
+
+    @property
+    def name(self) -> str:
+        return self.lora_name
+
+    @property
+    def path(self) -> str:
+        return self.lora_path
+
+    @property
+    def adapter_id(self) -> int:
+        return self.lora_int_id
+
+    def __eq__(self, other: object) -> bool:  # vLLM: one adapter per name
+        return isinstance(other, LoRARequest) and other.lora_name == self.lora_name
+
+    def __hash__(self) -> int:
+        return hash(self.lora_name)
 
 
 @dataclass
@@ -179,10 +277,16 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    # per token (when SamplingParams.logprobs is set): vLLM's dict[token id, Logprob], see TokenLogprob
     logprobs: list[TokenLogprob] | None = None
     # what made it "stop": the stop string, or the stop_token_ids entry; None for eos and the
     # other reasons (vLLM's stop_reason)
     stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None  # sum of the tokens' logprobs (when logprobs are asked, as vLLM)
+    lora_request: LoRARequest | None = None  # the offline LLM's, when the request gave one
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -200,6 +304,9 @@ class RequestOutput:
     # why the request failed while it ran (LLMEngine.step; its sequences end with "abort"),
     # None if it did not; AsyncLLM raises it instead
     error: BaseException | None = None
+    prompt: str | None = None  # the prompt's text, when the offline LLM was given text (or rendered a chat)
+    lora_request: LoRARequest | None = None  # the offline LLM's, when the request gave one
+    num_cached_tokens: int | None = None  # vLLM's prefix-cache hits; not reported by this engine (None)
 
 
 @dataclass

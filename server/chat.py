@@ -155,6 +155,11 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
                     entries = cs.feed(o.text)
                     delta = {"tool_calls": entries} if entries else {}
                     finish = T.finish_reason(req, cs.text, finish)
+                    # tokens that add no call text (the JSON around the calls, a name not yet
+                    # complete) send nothing, as vLLM; their usage counts in the next chunk's,
+                    # and with logprobs the chunk stays to carry them
+                    if not delta and finish is None and lp is None:
+                        continue
                 yield chunk([{"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish,
                               "stop_reason": o.stop_reason}],
                             usage(tokens[o.index]) if continuous else None)  # this choice's own (as vLLM)

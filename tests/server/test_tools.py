@@ -3,6 +3,8 @@ streamed text delta becomes, the finish reason."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from server.protocol import ChatCompletionRequest
@@ -122,3 +124,68 @@ def test_required_keeps_each_tools_refs():
             jsonschema.validate(bad, so.json)
     assert "$defs" in NESTED and NESTED["properties"]["place"] == {"$ref": "#/$defs/Place"}  # not mutated
     assert so.json["$defs"]["drlora_tool_1"]["properties"]["default"]["default"] == {"$ref": "#/data"}  # data
+
+
+def _stream_chunks(req: ChatCompletionRequest, pieces: list[str], finish: str = "stop") -> list[dict]:
+    """chat._stream's chunks for a tool-constrained request whose one choice's deltas are
+    `pieces` (one token each; the last finishes with `finish`)."""
+    import asyncio
+
+    from drlora_serve.types import CompletionOutput, RequestOutput, TokenLogprob
+    from server.chat import _stream
+
+    class State:  # what _stream reads of the server state (logprobs)
+        def token_text(self, tid: int) -> str:
+            return f"t{tid}"
+
+    async def outputs():
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            lp = [TokenLogprob(i, -1.0, {i: -1.0})] if req.logprobs else None
+            yield 0, RequestOutput("r", [1, 2], [CompletionOutput(0, piece, [i], finish if last else None, lp)], last)
+
+    async def collect() -> list[str]:
+        return [s async for s in _stream(State(), req, "r", "tiny", [1, 2], outputs(), tools=True)]
+
+    sent = asyncio.run(collect())
+    assert sent[-1] == "data: [DONE]\n\n"
+    return [json.loads(s[len("data: "):]) for s in sent[:-1]]
+
+
+@pytest.mark.parametrize("tool_choice,pieces", [
+    ("required", ['[{"', 'name": "', 'f', '", "parameters": ', '{"a"', ': 1', '}', '}', ']']),
+    # (a token with no text yet: a partial UTF-8 character, a stop string's hold-back)
+    ({"type": "function", "function": {"name": "g"}}, ["", " ", "", '{"b"', ": ", "", "2", "}"]),
+])
+def test_streamed_calls_skip_empty_deltas(tool_choice, pieces):
+    """Tokens that add no call text (the JSON around the calls, a name not yet complete) send
+    no chunk, as vLLM: only the role, the call deltas, the finish chunk and the usage. Continuous
+    usage still counts the skipped tokens (the next chunk's usage includes them), and with
+    logprobs the chunks stay (each carries its tokens' logprobs)."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=TOOLS, tool_choice=tool_choice,
+                                stream=True, stream_options=opts)
+    role, *steps, usage = _stream_chunks(req, pieces)
+    assert role["choices"][0]["delta"]["role"] == "assistant" and usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == len(pieces)
+    *calls, last = steps
+    assert calls and all(ch["choices"][0]["delta"].get("tool_calls") for ch in calls), steps
+    assert last["choices"][0]["finish_reason"] == ("tool_calls" if tool_choice == "required" else "stop")
+    assert last["usage"]["completion_tokens"] == len(pieces)
+    assert len(steps) < len(pieces)  # some tokens added no call text
+    # the usage of a chunk counts the tokens of the skipped ones before it
+    counts = [ch["usage"]["completion_tokens"] for ch in steps]
+    assert counts == sorted(counts) and any(b - a > 1 for a, b in zip([0, *counts], counts)), counts
+    args = "".join(e["function"].get("arguments", "") for ch in steps
+                   for e in ch["choices"][0]["delta"].get("tool_calls", []))
+    assert json.loads(args) == ({"a": 1} if tool_choice == "required" else {"b": 2})
+    with_lp = _stream_chunks(req.model_copy(update={"logprobs": True}), pieces)
+    assert len(with_lp) == len(pieces) + 2  # the role, one chunk a token, the usage
+
+
+def test_streamed_calls_cut_short_keep_their_finish_chunk():
+    """An output cut before any call text (max_tokens) still ends with its finish chunk."""
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=TOOLS, tool_choice="required",
+                                stream=True)
+    role, *steps = _stream_chunks(req, ['[', '{"'], finish="length")
+    assert [(ch["choices"][0]["delta"], ch["choices"][0]["finish_reason"]) for ch in steps] == [({}, "length")]

@@ -42,7 +42,14 @@ def tool_constraint(req) -> tuple[StructuredOutputsParams, str] | None:
                               'use "required", a named function, or "none"', "tool_choice")
         return None
     if not tools:
-        raise bad_request("tool_choice needs tools", "tool_choice")
+        # vLLM refuses `tools: []` whatever tool_choice says (as OpenAI); here only beside a
+        # choice that constrains the output: elsewhere an empty list changes nothing
+        what = 'tool_choice "required"' if choice == "required" else \
+            f"tool_choice naming the function {choice.function.name!r}"
+        if req.tools is not None:
+            raise bad_request(f"{what} needs at least one tool, and tools is an empty array: give at least "
+                              "one tool, or omit tool_choice", "tools")
+        raise bad_request(f"{what} needs tools: give at least one tool", "tool_choice")
     for other in ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
                   "guided_grammar"):
         v = getattr(req, other)

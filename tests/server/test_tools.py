@@ -189,3 +189,25 @@ def test_streamed_calls_cut_short_keep_their_finish_chunk():
                                 stream=True)
     role, *steps = _stream_chunks(req, ['[', '{"'], finish="length")
     assert [(ch["choices"][0]["delta"], ch["choices"][0]["finish_reason"]) for ch in steps] == [({}, "length")]
+
+
+def test_constraining_tool_choice_without_tools_says_what_is_missing():
+    """tool_choice "required" or a named function with `tools: []` is a 400 naming tools (as
+    vLLM, which refuses an empty tools array outright); with no tools at all, a 400 naming
+    tool_choice. Each message says what to give."""
+    from server.errors import APIError
+    from server.tools import tool_constraint
+
+    for choice, what in (("required", 'tool_choice "required"'),
+                         ({"type": "function", "function": {"name": "f"}}, "tool_choice naming the function 'f'")):
+        for tools, param in (([], "tools"), (None, "tool_choice")):
+            req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=tools, tool_choice=choice)
+            with pytest.raises(APIError) as e:
+                tool_constraint(req)
+            assert (e.value.status, e.value.param) == (400, param)
+            assert e.value.message.startswith(what) and "at least one tool" in e.value.message, e.value.message
+            assert ("empty" in e.value.message) == (tools == [])
+    # tools: [] beside no constraining choice changes nothing: plain text, as with no tools
+    for choice in (None, "none", "auto"):
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=[], tool_choice=choice)
+        assert tool_constraint(req) is None

@@ -91,7 +91,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     params = g.sampling_params(state, req, max_tokens, k if req.logprobs else None, req.prompt_logprobs,
                                output_kind="delta" if req.stream else "final", constraint=tool)
     rid = g.new_id("chatcmpl")
-    group = g.RequestGroup(state)
+    group = g.RequestGroup(state, g.constraint_field(req, tool))
     await group.submit_all([(ids, params, rid, adapter)])
     if req.stream:
         return g.GroupStreamingResponse(_stream(state, req, rid, model, ids, group.stream(), tool is not None),

@@ -128,7 +128,7 @@ async def create_completion(req: CompletionRequest, request: Request):
     params = [g.sampling_params(state, req, max_tokens, req.logprobs, prompt_lp,
                                 output_kind="delta" if req.stream else "final") for _, max_tokens in checked]
     rid = g.new_id("cmpl")
-    group = g.RequestGroup(state)
+    group = g.RequestGroup(state, g.constraint_field(req))
     await group.submit_all([(p.ids, sp, f"{rid}-{i}", adapter) for i, (p, sp) in enumerate(zip(prompts, params))])
     if req.stream:
         return g.GroupStreamingResponse(_stream(state, req, rid, model, prompts, group.stream()), group)

@@ -109,6 +109,12 @@ def structured_of(req, defaults: dict | None = None) -> tuple[StructuredOutputsP
     return with_options(so, req, defaults), name
 
 
+def constraint_field(req, constraint: tuple[StructuredOutputsParams, str] | None = None) -> str | None:
+    """The request field that set its output constraint (`constraint`: the caller's, as in
+    sampling_params), None without one."""
+    return constraint[1] if constraint is not None else structured_of(req)[1]
+
+
 OPTION_KEYS = ("disable_any_whitespace", "disable_additional_properties")
 
 
@@ -237,11 +243,13 @@ async def _close(it: AsyncIterator) -> None:
 class Submitted:
     """One engine request, submitted when constructed (the engine's up-front errors become
     an APIError at once). Iterating yields its snapshots and records latency metrics;
-    `aclose()` aborts it unless it finished, whether or not it was ever iterated."""
+    `aclose()` aborts it unless it finished, whether or not it was ever iterated.
+    `constraint`: the request field that set its output constraint (see __anext__)."""
 
     def __init__(self, state: ServerState, ids: list[int], params: SamplingParams, request_id: str,
-                 adapter: str | None) -> None:
+                 adapter: str | None, constraint: str | None = None) -> None:
         self.state, self.request_id, self.adapter = state, request_id, adapter
+        self.constraint = constraint if params.structured_outputs is not None else None
         try:
             self._gen = state.engine.generate(ids, params, request_id, adapter)
         except Exception as exc:
@@ -255,7 +263,15 @@ class Submitted:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        out = await self._gen.__anext__()  # (time to first token, inter-token: engine.token_timing)
+        try:
+            out = await self._gen.__anext__()  # (time to first token, inter-token: engine.token_timing)
+        except InvalidRequestError as exc:
+            # a request the engine refuses while it runs is one whose constraint cannot go on
+            # (GrammarEngine.failure; its other checks run up front): the engine does not know
+            # which field set the constraint, so the error names none; this one does
+            if exc.param is None and self.constraint is not None:
+                raise InvalidRequestError(str(exc), self.constraint) from exc
+            raise
         if self.reason is None:
             self.reason = next((o.finish_reason for o in out.outputs if o.index == 0 and o.finish_reason), None)
         if out.finished and not self.finished:
@@ -280,14 +296,15 @@ class RequestGroup:
     awaited, so the engine schedules them together, and all aborted together (`aclose`,
     idempotent) when the client goes away, on an error, or when the response ends."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, constraint: str | None = None) -> None:
         self.state = state
+        self.constraint = constraint  # the field that set the requests' constraint (constraint_field)
         self.members: list[Submitted] = []
 
     async def submit_all(self, jobs: list[tuple[list[int], SamplingParams, str, str | None]]) -> None:
         try:
             for ids, params, request_id, adapter in jobs:
-                self.members.append(Submitted(self.state, ids, params, request_id, adapter))
+                self.members.append(Submitted(self.state, ids, params, request_id, adapter, self.constraint))
         except BaseException:
             await self.aclose()
             raise

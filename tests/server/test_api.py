@@ -449,3 +449,25 @@ def test_lone_surrogates_still_say_so_in_union_fields(make_client):
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
         e = err(c.post(path, content=body.encode(), headers={"content-type": "application/json"}), 400)
         assert e["param"] == param and e["message"].startswith(where + "must be valid Unicode text"), e
+
+
+def test_constraint_failure_while_generating_names_its_field(make_client):
+    """A constraint that cannot go on while generating (the engine's GrammarEngine.failure: a
+    grammar past llguidance's limits, allowed_token_ids or bad_words excluding every token it
+    allows) is a 400 whose param is the field that set the constraint, streamed or not; the
+    engine does not know that field, the server does."""
+    from drlora_serve.types import InvalidRequestError
+
+    c, engine = make_client()
+    engine.fail_all(InvalidRequestError("the regex constraint could not be followed: the token was refused"))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for path, body, param in (
+            ("/v1/completions", {"prompt": "x", "guided_regex": "a+"}, "guided_regex"),
+            ("/v1/completions", {"prompt": ["x", "y"], "structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+            ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+            ("/v1/chat/completions", {"messages": CHAT, "tools": tools, "tool_choice": "required"}, "tools"),
+            ("/v1/completions", {"prompt": "x"}, None)):  # no constraint: nothing to name
+        e = err(c.post(path, json={**body, "max_tokens": 4}), 400)
+        assert e["param"] == param and "could not be followed" in e["message"], (body, e)
+        events = sse(c.post(path, json={**body, "max_tokens": 4, "stream": True}))
+        assert events[-1]["error"]["param"] == param and events[-1]["error"]["code"] == 400, (body, events)

@@ -269,8 +269,9 @@ def test_logprobs_of_tokens_a_grammar_forbids(env):
 
 
 def test_a_constraint_that_cannot_go_on_is_an_error(env, tokenizer):
-    """allowed_token_ids leaving none of the tokens a grammar allows: a 400 that says so (an
-    error event once a stream has started), not an empty 200; the server goes on serving."""
+    """allowed_token_ids leaving none of the tokens a grammar allows: a 400 that says so and
+    names the constraint's field (an error event once a stream has started), not an empty 200;
+    the server goes on serving."""
     import httpx
 
     outside = tokenizer.encode("zzz", add_special_tokens=False)[0]
@@ -278,8 +279,10 @@ def test_a_constraint_that_cannot_go_on_is_an_error(env, tokenizer):
             "guided_regex": "[0-9]+"}
     r = httpx.post(env["url"] + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 400 and "allowed_token_ids" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "guided_regex"
     s = httpx.post(env["url"] + "/v1/completions", json={**body, "stream": True}, timeout=60)
     events = _strict_sse(s)
     assert "error" in events[-1] and events[-1]["error"]["code"] == 400
+    assert events[-1]["error"]["param"] == "guided_regex"
     ok = client(env).completions.create(model="tiny", prompt="x", max_tokens=3, extra_body={"guided_regex": "[0-9]+"})
     assert ok.choices[0].text.isdigit()

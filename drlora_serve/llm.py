@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,12 +36,15 @@ class LLM:
         """`model`: a name or folder (drlora.models.resolve_model); `adapters`: a folder whose
         subfolders are adapters, or {name: path}; the rest are EngineArgs fields (vLLM's names).
         enable_lora, trust_remote_code, disable_log_stats are accepted and change nothing (LoRA
-        is always on); tensor_parallel_size / pipeline_parallel_size only as 1."""
+        is always on); tensor_parallel_size / pipeline_parallel_size only as 1; seed=None draws
+        a random seed (vLLM's meaning: none fixed)."""
         for name in NOOP_ARGS & engine_args.keys():
             del engine_args[name]
         for name, only in ONLY_VALUE_ARGS.items():
             if name in engine_args and engine_args.pop(name) != only:
                 raise ValueError(f"{name} must be {only}: this engine runs on one device")
+        if "seed" in engine_args and engine_args["seed"] is None:  # vLLM: no fixed seed
+            engine_args["seed"] = secrets.randbits(63)
         known = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(engine_args.keys() - known)
         if unknown:

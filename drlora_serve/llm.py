@@ -17,7 +17,8 @@ from pathlib import Path
 
 from drlora_serve.config import EngineArgs
 from drlora_serve.engine import LLMEngine
-from drlora_serve.types import (AdapterInfo, AdapterNotFoundError, InvalidRequestError, LoRARequest, RequestOutput,
+from drlora_serve.preprocess import chat_prompt
+from drlora_serve.types import (AdapterInfo, AdapterNotFoundError, LoRARequest, RequestOutput,
                                 SamplingParams)
 
 
@@ -104,22 +105,9 @@ class LLM:
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true "
                              "(pass add_generation_prompt=False)")
-        kw = dict(chat_template_kwargs or {})
-        if tools:
-            kw["tools"] = tools
-        if chat_template is not None:
-            kw["chat_template"] = chat_template
-        if continue_final_message:
-            kw["continue_final_message"] = True
-        prompts = []
-        for conv in convs:
-            try:
-                text = self.tokenizer.apply_chat_template(conv, tokenize=False,
-                                                          add_generation_prompt=add_generation_prompt, **kw)
-            except Exception as exc:  # noqa: BLE001 - a template may raise on messages it does not accept
-                raise InvalidRequestError(f"The chat template refused the messages: {exc}", "messages") from None
-            # the template spells out its special tokens: not added again (as the server does)
-            prompts.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
+        prompts = [chat_prompt(self.tokenizer, conv, add_generation_prompt, tools, chat_template=chat_template,
+                               template_kwargs=chat_template_kwargs, continue_final_message=continue_final_message)
+                   for conv in convs]
         return self._run(prompts, sampling_params, adapter, lora_request, use_tqdm)
 
     @staticmethod

@@ -19,18 +19,46 @@ def truncate_prompt(ids: list[int], params: SamplingParams, max_model_len: int) 
     return ids[-k:] if len(ids) > k else ids
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
-    """A conversation as prompt token ids (the server's /v1/chat/completions and LLM.chat): the
-    chat template renders text, its special tokens spelled out, which is then encoded without
-    adding special tokens again. A template that raises is an InvalidRequestError."""
-    kw = {"tools": tools} if tools else {}
+# apply_chat_template's own arguments and the template's reserved variables: not given
+# through chat_template_kwargs (they would clash, or change what this function returns)
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None, *, chat_template: str | None = None,
+                template_kwargs: dict | None = None, continue_final_message: bool = False) -> tuple[str, list[int]]:
+    """A conversation as prompt text and token ids (the server's /v1/chat/completions and
+    /tokenize, and LLM.chat): the
+    chat template (the model's, or `chat_template`) renders text, its special tokens spelled
+    out, which is then encoded without adding special tokens again. `template_kwargs`: extra
+    variables of the template (vLLM's chat_template_kwargs, e.g. {"enable_thinking": false});
+    `continue_final_message`: the last message is left open for the model to continue, with no
+    generation prompt (vLLM's). Bad options and a template that raises are InvalidRequestErrors."""
+    kw = dict(template_kwargs or {})
+    clash = sorted(RESERVED_TEMPLATE_KWARGS & kw.keys())
+    if clash:
+        raise InvalidRequestError(f"chat_template_kwargs may not set {clash[0]} (a request field or the "
+                                  "server's own argument)", "chat_template_kwargs")
+    if continue_final_message and add_generation_prompt:
+        raise InvalidRequestError("continue_final_message and add_generation_prompt cannot both be true "
+                                  "(set add_generation_prompt to false)", "continue_final_message")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("This model has no chat template", "messages")
+    if tools:
+        kw["tools"] = tools
+    if chat_template is not None:
+        kw["chat_template"] = chat_template
+    if continue_final_message:
+        kw["continue_final_message"] = True
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              **kw)
     except Exception as exc:  # noqa: BLE001 - a template may raise on messages it does not accept
         raise InvalidRequestError(f"The chat template refused the messages: {exc}", "messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
 def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from drlora_serve.preprocess import chat_prompt_ids
+from drlora_serve.preprocess import chat_prompt
 from drlora_serve.types import RequestOutput, TokenLogprob
 from server import generation as g
 from server import tools as T
@@ -23,17 +23,24 @@ router = APIRouter()
 
 async def render(state: ServerState, req: ChatCompletionRequest | TokenizeRequest,
                  instead: str = "use /v1/completions") -> list[int]:
-    """The chat template applied to req's messages (with its add_generation_prompt and tools)
-    and tokenized, in a worker thread when the messages are long, so that the event loop keeps
-    serving other requests. `instead`: what to do when the model has no chat template."""
+    """The chat template (the model's, or the request's under --trust-request-chat-template)
+    applied to req's messages with its options and tools, and tokenized, in a worker thread when
+    the messages are long, so that the event loop keeps serving other requests. `instead`: what
+    to do when the model has no chat template."""
     tok = state.engine.tokenizer
-    if not getattr(tok, "chat_template", None):
+    template = req.chat_template
+    if template is not None and not state.config.trust_request_chat_template:
+        raise bad_request("chat_template in a request needs a server started with --trust-request-chat-template",
+                          "chat_template")
+    if template is None and not getattr(tok, "chat_template", None):
         raise bad_request(f"This model has no chat template; {instead}", "messages")
     messages = [_message(m) for m in req.messages]
-    chars = sum(len(m["content"]) for m in messages)
+    chars = sum(len(m["content"]) for m in messages) + len(template or "")
     g.check_text(state, chars, "messages", "messages")
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    return await g.off_loop(lambda: chat_prompt_ids(tok, messages, req.add_generation_prompt, tools), chars)
+    return (await g.off_loop(lambda: chat_prompt(
+        tok, messages, req.add_generation_prompt, tools, chat_template=template,
+        template_kwargs=req.chat_template_kwargs, continue_final_message=req.continue_final_message), chars))[1]
 
 
 def _message(m) -> dict:

@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--allowed-origins", "--allowed-methods", "--allowed-headers"):
         a(flag, type=_string_list, default=["*"], metavar="JSON", help="CORS, as vLLM: a JSON list (default [\"*\"])")
     a("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    a("--trust-request-chat-template", action="store_true",
+      help="render a chat request's own chat_template (a 400 otherwise; the model's template is used)")
     # vLLM flags that change nothing here, accepted so that a vLLM command line runs as it is
     a("--trust-remote-code", action="store_true", help="accepted for vLLM compatibility (no checkpoint code is run)")
     a("--disable-log-requests", "--enable-log-requests", dest="log_requests", action="store_true",
@@ -241,7 +243,7 @@ def _configure(parser, args):
         max_prompts_per_request=args.max_prompts_per_request,
         structured_defaults=args.structured_outputs_config, allowed_origins=args.allowed_origins,
         allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
-        allow_credentials=args.allow_credentials)
+        allow_credentials=args.allow_credentials, trust_request_chat_template=args.trust_request_chat_template)
     return engine_args, config
 
 

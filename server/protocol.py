@@ -168,10 +168,7 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("suffix", COMPLETIONS, _empty, "omit it"),
     Unsupported("prompt_embeds", COMPLETIONS, _absent, "omit it"),
     Unsupported("echo", CHAT, _false, "false or omit it"),
-    Unsupported("chat_template", CHAT, _absent, "omit it (the model's template is used)"),
-    Unsupported("chat_template_kwargs", CHAT, _empty, "omit it"),
     Unsupported("documents", CHAT, _empty, "omit it"),
-    Unsupported("continue_final_message", CHAT, _false, "false or omit it"),
     Unsupported("reasoning_effort", CHAT, _absent, "omit it"),
     Unsupported("modalities", CHAT, _text_modality, '["text"] or omit it'),
     Unsupported("audio", CHAT, _absent, "omit it"),
@@ -385,6 +382,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = Field(True, description="Extension")
+    continue_final_message: bool = Field(False, description="Extension: the last message left open to continue")
+    chat_template: Text | None = Field(None, description="Extension: needs --trust-request-chat-template")
+    chat_template_kwargs: dict[Text, Any] | None = Field(None, description="Extension: extra template variables")
     tools: list[ChatTool] | None = None
     tool_choice: Annotated[Literal["none", "auto", "required"] | NamedToolChoice, _by_shape(
         '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
@@ -401,8 +401,11 @@ class TokenizeRequest(BaseModel):
     model: Text | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_generation_prompt: bool = True  # messages only
-    tools: list[ChatTool] | None = None  # messages only
+    add_generation_prompt: bool = True  # messages only, as the next four
+    continue_final_message: bool = False
+    chat_template: Text | None = None
+    chat_template_kwargs: dict[Text, Any] | None = None
+    tools: list[ChatTool] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM)
     return_token_strs: bool = False
 

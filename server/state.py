@@ -35,6 +35,7 @@ class ServerConfig:
     max_request_bytes: int = 64 * 2**20  # --max-request-mb: larger bodies get a 413 (0: no limit)
     # --structured-outputs-config: defaults of StructuredOutputsParams (disable_any_whitespace, ...)
     structured_defaults: dict = field(default_factory=dict)
+    trust_request_chat_template: bool = False  # a request's chat_template is rendered (vLLM's flag)
     # CORS (vLLM's flags and defaults)
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])

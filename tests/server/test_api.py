@@ -230,9 +230,8 @@ CHANGING = {
     "use_beam_search": True, "length_penalty": 0.5, "best_of": 2, "guided_whitespace_pattern": "[ ]?",
     "functions": [{"name": "f"}], "function_call": {"name": "f"},
     "add_special_tokens": {"completions": False, "chat": True}, "suffix": "end",
-    "prompt_embeds": "AAAA", "echo": True, "chat_template": "{{ 'x' }}",
-    "chat_template_kwargs": {"enable_thinking": True}, "documents": [{"title": "a", "text": "b"}],
-    "continue_final_message": True, "reasoning_effort": "high", "modalities": ["text", "audio"],
+    "prompt_embeds": "AAAA", "echo": True, "documents": [{"title": "a", "text": "b"}],
+    "reasoning_effort": "high", "modalities": ["text", "audio"],
     "audio": {"voice": "alloy", "format": "wav"}, "web_search_options": {},
     "return_tokens_as_token_ids": True, "return_token_ids": True, "top_logprobs": 2,
 }
@@ -240,8 +239,7 @@ NOOPS = {
     "use_beam_search": [False], "length_penalty": [1.0], "best_of": [1], "guided_whitespace_pattern": [None],
     "functions": [[]], "function_call": ["none", "auto"],
     "add_special_tokens": {"completions": [True], "chat": [False]},
-    "suffix": ["", None], "prompt_embeds": [None], "echo": [False], "chat_template": [None],
-    "chat_template_kwargs": [{}, None], "documents": [[]], "continue_final_message": [False],
+    "suffix": ["", None], "prompt_embeds": [None], "echo": [False], "documents": [[]],
     "reasoning_effort": [None], "modalities": [["text"]], "audio": [None], "web_search_options": [None],
     "return_tokens_as_token_ids": [False], "return_token_ids": [False],
     "top_logprobs": [0, None],
@@ -471,3 +469,37 @@ def test_constraint_failure_while_generating_names_its_field(make_client):
         assert e["param"] == param and "could not be followed" in e["message"], (body, e)
         events = sse(c.post(path, json={**body, "max_tokens": 4, "stream": True}))
         assert events[-1]["error"]["param"] == param and events[-1]["error"]["code"] == 400, (body, events)
+
+
+def test_chat_template_options(make_client, tokenizer):
+    """vLLM's chat_template_kwargs and continue_final_message (chat and /tokenize), and a
+    request's own chat_template only under --trust-request-chat-template."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+
+    def want(**kw):
+        return tokenizer.encode(tokenizer.apply_chat_template(msgs, tokenize=False, **kw), add_special_tokens=False)
+
+    c, _ = make_client()
+    r = c.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False, "continue_final_message": True})
+    assert r.status_code == 200 and r.json()["tokens"] == want(continue_final_message=True)
+    assert r.json()["tokens"] != want(add_generation_prompt=False)  # (the turn is left open)
+    r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2, "add_generation_prompt": False,
+                                             "continue_final_message": True})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want(continue_final_message=True))
+    e = err(c.post("/v1/chat/completions", json={"messages": msgs, "continue_final_message": True}), 400)
+    assert e["param"] == "continue_final_message" and "add_generation_prompt" in e["message"]
+    # template variables reach the template; the template's own arguments may not be set
+    r = c.post("/tokenize", json={"messages": msgs, "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200 and r.json()["tokens"] == want(add_generation_prompt=True, enable_thinking=False)
+    for key in ("tokenize", "chat_template", "messages"):
+        e = err(c.post("/v1/chat/completions", json={"messages": msgs, "chat_template_kwargs": {key: 1}}), 400)
+        assert e["param"] == "chat_template_kwargs" and key in e["message"]
+    # a request's template: refused by default, rendered when the server trusts them
+    tmpl = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ extra }}{% endfor %}"
+    e = err(c.post("/v1/chat/completions", json={"messages": msgs, "chat_template": tmpl}), 400)
+    assert e["param"] == "chat_template" and "--trust-request-chat-template" in e["message"]
+    c2, _ = make_client(trust_request_chat_template=True)
+    r = c2.post("/tokenize", json={"messages": msgs, "chat_template": tmpl, "chat_template_kwargs": {"extra": "!"}})
+    assert r.status_code == 200 and r.json()["tokens"] == tokenizer.encode("<user>hi!<assistant>Hel!", add_special_tokens=False)
+    e = err(c2.post("/v1/chat/completions", json={"messages": msgs, "chat_template": "{{ raise_exception('no') }}"}), 400)
+    assert e["param"] == "messages" and "no" in e["message"]

@@ -23,15 +23,17 @@ router = APIRouter()
 
 async def render(state: ServerState, req: ChatCompletionRequest | TokenizeRequest,
                  instead: str = "use /v1/completions") -> list[int]:
-    """The chat template (the model's, or the request's under --trust-request-chat-template)
-    applied to req's messages with its options and tools, and tokenized, in a worker thread when
-    the messages are long, so that the event loop keeps serving other requests. `instead`: what
-    to do when the model has no chat template."""
+    """The chat template (the request's under --trust-request-chat-template, else --chat-template,
+    else the tokenizer's) applied to req's messages with its options and tools, and tokenized, in
+    a worker thread when the messages are long, so that the event loop keeps serving other
+    requests. `instead`: what to do when the model has no chat template."""
     tok = state.engine.tokenizer
     template = req.chat_template
     if template is not None and not state.config.trust_request_chat_template:
         raise bad_request("chat_template in a request needs a server started with --trust-request-chat-template",
                           "chat_template")
+    if template is None:
+        template = state.config.chat_template  # --chat-template, else (None) the tokenizer's
     if template is None and not getattr(tok, "chat_template", None):
         raise bad_request(f"This model has no chat template; {instead}", "messages")
     messages = [_message(m) for m in req.messages]

@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--allowed-origins", "--allowed-methods", "--allowed-headers"):
         a(flag, type=_string_list, default=["*"], metavar="JSON", help="CORS, as vLLM: a JSON list (default [\"*\"])")
     a("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    a("--chat-template", default=None, metavar="FILE|TEMPLATE",
+      help="Jinja chat template for chat requests, a file or the template itself (default: the tokenizer's)")
     a("--trust-request-chat-template", action="store_true",
       help="render a chat request's own chat_template (a 400 otherwise; the model's template is used)")
     # vLLM flags that change nothing here, accepted so that a vLLM command line runs as it is
@@ -207,6 +209,7 @@ def _configure(parser, args):
             print(f"drlora-serve: note: --adapters {ad} did not exist; created it (empty, watched)", file=sys.stderr)
         ad.mkdir(parents=True, exist_ok=True)
         adapters = str(ad.resolve())
+    chat_template = _chat_template(parser, args.chat_template) if args.chat_template is not None else None
     modules: dict[str, str] = {}
     for name, path in args.lora_modules:
         if not Path(path).expanduser().is_dir():
@@ -243,8 +246,22 @@ def _configure(parser, args):
         max_prompts_per_request=args.max_prompts_per_request,
         structured_defaults=args.structured_outputs_config, allowed_origins=args.allowed_origins,
         allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
-        allow_credentials=args.allow_credentials, trust_request_chat_template=args.trust_request_chat_template)
+        allow_credentials=args.allow_credentials, trust_request_chat_template=args.trust_request_chat_template,
+        chat_template=chat_template)
     return engine_args, config
+
+
+def _chat_template(parser, value: str) -> str:
+    """vLLM's --chat-template: a file's text, or the template itself (anything with Jinja tags)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"--chat-template: {path} could not be read ({exc})")
+    if "{{" in value or "{%" in value:
+        return value
+    parser.error(f"--chat-template: {value} is neither a file nor a template")
 
 
 def main(argv: list[str] | None = None, engine_factory=None) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from fastapi.testclient import TestClient
@@ -503,3 +505,23 @@ def test_chat_template_options(make_client, tokenizer):
     assert r.status_code == 200 and r.json()["tokens"] == tokenizer.encode("<user>hi!<assistant>Hel!", add_special_tokens=False)
     e = err(c2.post("/v1/chat/completions", json={"messages": msgs, "chat_template": "{{ raise_exception('no') }}"}), 400)
     assert e["param"] == "messages" and "no" in e["message"]
+    # the server's --chat-template replaces the tokenizer's (a request's still wins when trusted)
+    c3, _ = make_client(chat_template=tmpl, trust_request_chat_template=True)
+    r = c3.post("/tokenize", json={"messages": msgs, "chat_template_kwargs": {"extra": "?"}})
+    assert r.json()["tokens"] == tokenizer.encode("<user>hi?<assistant>Hel?", add_special_tokens=False)
+    r = c3.post("/tokenize", json={"messages": msgs, "chat_template": "{{ messages[0].content }}"})
+    assert r.json()["tokens"] == tokenizer.encode("hi", add_special_tokens=False)
+
+
+def test_chat_template_flag(tmp_path):
+    """--chat-template takes a file or the template itself; anything else is a one-line error."""
+    from server.cli import configure
+
+    f = tmp_path / "t.jinja"
+    f.write_text("{{ messages[0].content }}")
+    assert configure(["--chat-template", str(f)])[1].chat_template == "{{ messages[0].content }}"
+    assert configure(["--chat-template", "{% for m in messages %}{{ m.content }}{% endfor %}"])[1].chat_template
+    assert configure([])[1].chat_template is None
+    r = subprocess.run([sys.executable, "-m", "server.cli", "--chat-template", str(tmp_path / "missing.jinja")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "neither a file nor a template" in r.stderr

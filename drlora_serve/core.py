@@ -279,6 +279,7 @@ class EngineCore:
             if n == seq.num_prompt_tokens + 1 and seq.index == 0:
                 # vLLM's prompt_tokens: the whole prompt (cached part included), once a request, at its first token
                 self.counters.prompt_tokens_total += seq.num_prompt_tokens
+                out.cached.append((seq.key, seq.request.num_cached_tokens))
             if tok in seq.stop_ids:
                 ended.append((seq, "stop"))
             elif n >= seq.max_tokens_total:
@@ -300,6 +301,7 @@ class EngineCore:
         for seq in step.end_seqs:  # a whole prompt computed, nothing to sample (max_tokens == 0)
             if seq.index == 0:
                 self.counters.prompt_tokens_total += seq.num_prompt_tokens
+                out.cached.append((seq.key, seq.request.num_cached_tokens))
             if not seq.is_finished:
                 self._finish(seq, "length")
         for seq in step.chunk_seqs:

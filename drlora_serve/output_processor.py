@@ -50,7 +50,7 @@ class SeqState:
 class RequestState:
     __slots__ = ("request_id", "key", "prompt_token_ids", "params", "adapter", "seqs", "prompt_logprobs",
                  "num_unfinished", "hold", "stop_ids", "error", "event", "sent_prompt_lp", "arrival",
-                 "last_token_at", "step_tokens")
+                 "last_token_at", "step_tokens", "num_cached_tokens")
 
     def __init__(self, request_id: str, key: int, prompt_token_ids: list[int], params: SamplingParams,
                  adapter: str | None, tokenizer, eos_token_id: int | None, added: dict[int, str] | None = None):
@@ -79,6 +79,7 @@ class RequestState:
         self.arrival = time.monotonic()
         self.last_token_at = 0.0  # 0: no token yet
         self.step_tokens = 0  # tokens received in the step being processed
+        self.num_cached_tokens: int | None = None  # prefix-cache hits, once the core reports them
 
     @property
     def finished(self) -> bool:
@@ -159,6 +160,10 @@ class OutputProcessor:
         stopped: list[int] = []
         seqs = self.seqs
         lps = out.logprobs
+        for key, n in out.cached:  # (a request's key is its first sequence's)
+            ent = seqs.get(key)
+            if ent is not None:
+                ent[0].num_cached_tokens = n
         # prompt logprobs first: a stop string in this step's token may finish the sequence
         for pl in out.prompt_logprobs:
             ent = seqs.get(pl.seq_key)
@@ -265,7 +270,8 @@ class OutputProcessor:
         """The final output of a request that failed while running (LLMEngine; AsyncLLM raises
         the error instead): what its sequences had, and the error."""
         outs = [CompletionOutput(st.index, "".join(st.parts), st.token_ids, st.finish_reason) for st in req.seqs]
-        return RequestOutput(req.request_id, req.prompt_token_ids, outs, True, req.adapter, error=req.error)
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, True, req.adapter, error=req.error,
+                             num_cached_tokens=req.num_cached_tokens)
 
     def output(self, req: RequestState, kind: str | None = None) -> RequestOutput | None:
         """The request's output of the given kind now (None: nothing to hand out)."""
@@ -293,7 +299,8 @@ class OutputProcessor:
                 req.sent_prompt_lp = len(req.prompt_logprobs)
             if not outs and plp is None:
                 return None
-            return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, req.adapter, plp)
+            return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, req.adapter, plp,
+                                 num_cached_tokens=req.num_cached_tokens)
         copy = kind == "cumulative" and not req.finished
         for st in req.seqs:
             text = "".join(st.parts)
@@ -304,4 +311,4 @@ class OutputProcessor:
             outs.append(CompletionOutput(st.index, text, ids, st.finish_reason, lps, st.stop_reason, st.cum_logprob))
         plp = req.prompt_logprobs
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished, req.adapter,
-                             list(plp) if copy and plp is not None else plp)
+                             list(plp) if copy and plp is not None else plp, num_cached_tokens=req.num_cached_tokens)

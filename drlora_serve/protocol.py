@@ -101,6 +101,9 @@ class StepOutputs(msgspec.Struct, tag=True, array_like=True):
     failed: list[RequestFailed] = []
     stats: EngineStats | None = None
     adapters: list[AdapterInfo] | None = None  # the adapter list, when it changed
+    # (request key, prompt tokens from the prefix cache): once a request, in the step that
+    # brings its first sequence's first token (or ends a request that samples nothing)
+    cached: list[tuple[int, int]] = []
 
     @property
     def empty(self) -> bool:

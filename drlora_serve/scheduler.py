@@ -198,6 +198,8 @@ class Scheduler:
             if v is not None:
                 self.pool.deactivate(v)
             return False
+        if seq.index == 0 and seq.request.num_cached_tokens < 0:
+            seq.request.num_cached_tokens = seq.num_computed_tokens  # the cached blocks' tokens
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         self._advance(out, seq, n)

@@ -103,7 +103,7 @@ class Sequence:
 
 class Request:
     __slots__ = ("request_id", "key", "prompt_token_ids", "params", "adapter", "adapter_version", "arrival", "device",
-                 "seqs", "num_unfinished", "grammar")
+                 "seqs", "num_unfinished", "grammar", "num_cached_tokens")
 
     def __init__(self, request_id: str, key: int, prompt_token_ids: list[int], params: SamplingParams,
                  adapter: str | None, adapter_version, arrival: float, max_model_len: int,
@@ -119,6 +119,9 @@ class Request:
         self.seqs = [Sequence(self, i, max_model_len, eos_token_id) for i in range(params.n)]
         self.num_unfinished = params.n
         self.grammar = None  # structured outputs: Future of the compiled grammar (structured.py)
+        # prompt tokens the prefix cache gave sequence 0 when first admitted (-1: not yet); a
+        # readmission after preemption does not change it (vLLM's num_cached_tokens)
+        self.num_cached_tokens = -1
 
     @property
     def adapter_key(self):

@@ -306,7 +306,9 @@ class RequestOutput:
     error: BaseException | None = None
     prompt: str | None = None  # the prompt's text, when the offline LLM was given text (or rendered a chat)
     lora_request: LoRARequest | None = None  # the offline LLM's, when the request gave one
-    num_cached_tokens: int | None = None  # vLLM's prefix-cache hits; not reported by this engine (None)
+    # vLLM's: prompt tokens whose KV came from the prefix cache when the request's first sequence
+    # was first scheduled (a multiple of the block size; 0 without hits); None until its first token
+    num_cached_tokens: int | None = None
 
 
 @dataclass

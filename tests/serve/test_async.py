@@ -30,6 +30,7 @@ def test_async_engine_streams_aborts_and_shuts_down(tiny_dir, tokenizer, adapter
         assert snaps[-1].finished and len(snaps[-1].outputs[0].token_ids) == 6
         lens = [len(s.outputs[0].token_ids) for s in snaps]
         assert lens == sorted(lens)  # cumulative
+        assert all(s.num_cached_tokens == 0 for s in snaps)  # the first request: nothing cached
         # concurrent requests, one closed early (client disconnect)
         long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
         gen = eng.generate(toks, long, "e3", adapter="b")
@@ -65,7 +66,10 @@ def test_async_engine_streams_aborts_and_shuts_down(tiny_dir, tokenizer, adapter
         task = asyncio.create_task(_collect(eng.generate(toks, sp, "e5")))
         await asyncio.sleep(0)
         await eng.shutdown(graceful=True)
-        assert (await task)[-1].finished
+        done = await task
+        assert done[-1].finished
+        # e4 ran this prompt on the base before: every whole block but the last token's
+        assert done[-1].num_cached_tokens == (len(toks) - 1) // 16 * 16 > 0
 
     asyncio.run(main())
 
@@ -83,6 +87,8 @@ def test_llm_api(tiny_dir, adapters_dir):
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
     one = llm.generate(PROMPTS[0], sp, adapter="a")
     assert one[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    n0 = len(llm.tokenizer.encode(PROMPTS[0]))
+    assert outs[0].num_cached_tokens == 0 and one[0].num_cached_tokens == (n0 - 1) // 16 * 16 > 0
     ids = llm.tokenizer.encode(PROMPTS[1])
     assert llm.generate([ids], sp)[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
     llm.unload_adapter("c")

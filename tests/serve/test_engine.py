@@ -66,6 +66,32 @@ def test_prefix_cache_hits_and_adapter_identity(engine, tokenizer):
     assert engine.blocks.num_cache_hits == hits  # another adapter never reuses a's KV
 
 
+def test_num_cached_tokens_per_request(tiny_dir, tokenizer, adapters_dir):
+    """RequestOutput.num_cached_tokens (vLLM's): prompt tokens served by the prefix cache when
+    the request's first sequence was scheduled, whole blocks only; 0 without hits; the cache is
+    keyed by the adapter too."""
+    eng = make_engine(tiny_dir, tokenizer, adapters_dir=str(adapters_dir), block_size=4)
+    prompt = (tokenizer.encode(" ".join(PROMPTS)) * 2)[:22]
+    assert len(prompt) == 22
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+    def cached(rid, toks, adapter=None, params=sp):
+        eng.add_request(rid, toks, params, adapter)
+        return run_all(eng)[rid].num_cached_tokens
+
+    assert cached("first", prompt) == 0
+    assert cached("shared", prompt[:12] + [t + 1 for t in prompt[12:]]) == 12  # 3 whole blocks in common
+    assert cached("other-adapter", prompt, "a") == 0  # the base's blocks are never an adapter's
+    assert cached("again", prompt, "a") == 20  # (22 - 1) // 4 blocks: one token is always computed
+    assert cached("n2", prompt, params=SamplingParams(n=2, max_tokens=3, temperature=0, ignore_eos=True)) == 20
+    assert cached("score-only", prompt, params=SamplingParams(max_tokens=0)) == 20
+    # streamed outputs carry it from the first token on
+    eng.add_request("delta", prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True,
+                                                    output_kind="delta"))
+    seen = [o.num_cached_tokens for _ in range(50) if eng.has_unfinished() for o in eng.step()]
+    assert seen and all(n == 20 for n in seen)
+
+
 def test_prefix_cache_chain_hash_fields_never_alias():
     """SHA-256 over fixed-width fields (Python's hash() of the chain was collidable): each of
     parent, adapter and tokens changes the hash, and no field's bytes can pass for another's."""

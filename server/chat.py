@@ -81,9 +81,10 @@ def _logprobs(state: ServerState, ids: list[int], entries: list[TokenLogprob] | 
     return content
 
 
-def _usage(ids: list[int], out: RequestOutput | None) -> dict:
+def _usage(state: ServerState, ids: list[int], out: RequestOutput | None) -> dict:
     ct = sum(len(o.token_ids) for o in out.outputs) if out else 0
-    return {"prompt_tokens": len(ids), "completion_tokens": ct, "total_tokens": len(ids) + ct}
+    usage = {"prompt_tokens": len(ids), "completion_tokens": ct, "total_tokens": len(ids) + ct}
+    return g.with_cached_tokens(state, usage, (out.num_cached_tokens or 0) if out else 0)
 
 
 @router.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}})
@@ -118,7 +119,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
         choices.append({"index": o.index, "message": message, "logprobs": lp, "finish_reason": finish,
                         "stop_reason": o.stop_reason})
     body = {"id": rid, "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": _usage(ids, out)}
+            "model": model, "choices": choices, "usage": _usage(state, ids, out)}
     if req.prompt_logprobs is not None:
         body["prompt_logprobs"] = g.prompt_logprobs_json(state, out.prompt_logprobs if out else None,
                                                          req.prompt_logprobs)
@@ -136,6 +137,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
     opts = req.stream_options
     tokens = [0] * req.n  # completion tokens per choice
     continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
+    cached = 0  # prefix-cache hits, once the engine reports them
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -153,6 +155,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}], usage(0) if continuous else None)
         async for _, out in stream:
+            if out.num_cached_tokens is not None:
+                cached = out.num_cached_tokens
             for o in out.outputs:
                 tokens[o.index] += len(o.token_ids)
                 if not o.text and not o.token_ids and o.finish_reason is None:
@@ -173,7 +177,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, rid: str, mode
                               "stop_reason": o.stop_reason}],
                             usage(tokens[o.index]) if continuous else None)  # this choice's own (as vLLM)
         if opts and opts.include_usage:
-            yield chunk([], usage(sum(tokens)))
+            yield chunk([], g.with_cached_tokens(state, usage(sum(tokens)), cached))
     except Exception as exc:  # noqa: BLE001 - reported inside the stream
         yield sse_error(exc)
     finally:

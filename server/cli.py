@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="Jinja chat template for chat requests, a file or the template itself (default: the tokenizer's)")
     a("--trust-request-chat-template", action="store_true",
       help="render a chat request's own chat_template (a 400 otherwise; the model's template is used)")
+    a("--enable-prompt-tokens-details", action="store_true",
+      help="usage carries prompt_tokens_details.cached_tokens (prompt tokens served by the prefix cache)")
     # vLLM flags that change nothing here, accepted so that a vLLM command line runs as it is
     a("--trust-remote-code", action="store_true", help="accepted for vLLM compatibility (no checkpoint code is run)")
     a("--disable-log-requests", "--enable-log-requests", dest="log_requests", action="store_true",
@@ -247,7 +249,7 @@ def _configure(parser, args):
         structured_defaults=args.structured_outputs_config, allowed_origins=args.allowed_origins,
         allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
         allow_credentials=args.allow_credentials, trust_request_chat_template=args.trust_request_chat_template,
-        chat_template=chat_template)
+        chat_template=chat_template, enable_prompt_tokens_details=args.enable_prompt_tokens_details)
     return engine_args, config
 
 

@@ -107,10 +107,12 @@ def _choice(state: ServerState, req: CompletionRequest, p: Prompt, out: RequestO
     return choice
 
 
-def _usage(prompts: list[Prompt], outs: dict[int, RequestOutput]) -> dict:
+def _usage(state: ServerState, prompts: list[Prompt], outs: dict[int, RequestOutput]) -> dict:
     pt = sum(len(p.ids) for p in prompts)
     ct = sum(len(o.token_ids) for out in outs.values() for o in out.outputs)
-    return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+    # cached tokens summed over the prompts, as prompt_tokens is (vLLM reports one prompt's)
+    cached = sum(out.num_cached_tokens or 0 for out in outs.values())
+    return g.with_cached_tokens(state, {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}, cached)
 
 
 @router.post("/v1/completions", responses={200: {"model": CompletionResponse}})
@@ -137,7 +139,7 @@ async def create_completion(req: CompletionRequest, request: Request):
                for i, out in sorted(outs.items()) for o in out.outputs]
     choices.sort(key=lambda c: c["index"])
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                         "model": model, "choices": choices, "usage": _usage(prompts, outs)})
+                         "model": model, "choices": choices, "usage": _usage(state, prompts, outs)})
 
 
 async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: str,
@@ -150,6 +152,7 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
     held: dict[int, list[CompletionOutput]] = {}  # choice index -> deltas waiting for the echo
     prompt_lps: dict[int, list] = {}  # prompt index -> its prompt logprobs so far
     tokens: dict[int, int] = {}  # choice index -> completion tokens so far
+    cached: dict[int, int] = {}  # prompt index -> its prefix-cache hits (once known)
     opts = req.stream_options
     echo_lp = req.echo and req.logprobs is not None
 
@@ -183,6 +186,8 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
 
     try:
         async for i, out in stream:
+            if out.num_cached_tokens is not None:
+                cached[i] = out.num_cached_tokens
             if out.prompt_logprobs is not None:  # a delta: the entries scored since the last one
                 prompt_lps.setdefault(i, []).extend(out.prompt_logprobs)
             scored = not echo_lp or len(prompt_lps.get(i, ())) >= len(prompts[i].ids)
@@ -202,7 +207,8 @@ async def _stream(state: ServerState, req: CompletionRequest, rid: str, model: s
                         yield data
         if opts and opts.include_usage:
             chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                     "choices": [], "usage": usage(sum(len(p.ids) for p in prompts), sum(tokens.values()))}
+                     "choices": [], "usage": g.with_cached_tokens(
+                         state, usage(sum(len(p.ids) for p in prompts), sum(tokens.values())), sum(cached.values()))}
             yield f"data: {json.dumps(chunk)}\n\n"
     except Exception as exc:  # noqa: BLE001 - reported inside the stream
         yield sse_error(exc)

@@ -208,6 +208,15 @@ def truncate(ids: list[int], req, max_model_len: int) -> list[int]:
     return ids[-k:]
 
 
+def with_cached_tokens(state: ServerState, usage: dict, cached: int) -> dict:
+    """Under --enable-prompt-tokens-details, usage.prompt_tokens_details.cached_tokens: the
+    prompt tokens the prefix cache served (0 included, unlike vLLM, which leaves the field out
+    then); otherwise usage as it is."""
+    if state.config.enable_prompt_tokens_details:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
 LOGPROB_FLOOR = -9999.0  # vLLM's: JSON has no -inf, the logprob of a token a grammar or a control forbids
 
 

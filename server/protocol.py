@@ -435,10 +435,15 @@ class UnloadLoraAdapterRequest(BaseModel):
     lora_int_id: int | None = None  # accepted for vLLM clients, unused
 
 
+class PromptTokenUsageInfo(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokenUsageInfo | None = None  # --enable-prompt-tokens-details only
 
 
 class CompletionLogprobs(BaseModel):

@@ -37,6 +37,7 @@ class ServerConfig:
     structured_defaults: dict = field(default_factory=dict)
     trust_request_chat_template: bool = False  # a request's chat_template is rendered (vLLM's flag)
     chat_template: str | None = None  # --chat-template (else the tokenizer's)
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens (vLLM's flag)
     # CORS (vLLM's flags and defaults)
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])

@@ -37,6 +37,9 @@ class FakeEngine:
         self.fail_next = False  # the next generate raises RuntimeError mid-way
         self.fail_list = False  # list_adapters raises RuntimeError (an unexpected failure)
         self.stats_ = EngineStats(max_loras=4)
+        # a prefix cache of whole blocks keyed by (adapter, leading tokens), for num_cached_tokens
+        self.block_size = 4
+        self.cached_prefixes: set[tuple] = set()
         self.token_timing = None
 
     async def start(self) -> None:
@@ -50,6 +53,15 @@ class FakeEngine:
 
     async def shutdown(self, graceful: bool = True) -> None:
         self.stopped = True
+
+    def _cache(self, prompt, adapter) -> int:
+        """The prompt's cached whole blocks (never its last token, as the engine), then caches them."""
+        bs, hit = self.block_size, 0
+        while (hit + 1) * bs <= len(prompt) - 1 and (adapter, tuple(prompt[:(hit + 1) * bs])) in self.cached_prefixes:
+            hit += 1
+        for k in range(1, len(prompt) // bs + 1):
+            self.cached_prefixes.add((adapter, tuple(prompt[:k * bs])))
+        return hit * bs
 
     def _token(self, prompt, seed, adapter, i, j) -> int:
         return 5 + _h(tuple(prompt), seed, adapter, i, j) % (len(self.tokenizer) - 5)
@@ -74,6 +86,7 @@ class FakeEngine:
                 for j in range(params.n)]
         sent: dict = {}  # delta outputs: what was handed out per sequence
         t0 = last = time.monotonic()
+        cached = self._cache(prompt_token_ids, adapter)
         try:
             self.stats_.prompt_tokens_total += len(prompt_token_ids)
             for i in range(max(params.max_tokens, 0) + 1):
@@ -113,6 +126,7 @@ class FakeEngine:
                 out = self._shaped(params.output_kind, request_id, prompt_token_ids, outs, finished,
                                    adapter, prompt_lp, sent)
                 if out is not None:
+                    out.num_cached_tokens = cached
                     yield out
                 if finished:
                     return

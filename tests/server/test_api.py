@@ -350,6 +350,50 @@ def test_tokenize_detokenize_ping_and_cors(make_client, tokenizer):
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"
 
 
+def test_prompt_tokens_details_flag(make_client):
+    """--enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens, the prefix-cache
+    hits (0 too), summed over a completions request's prompts, in non-streamed responses and the
+    final streamed usage chunk (not in continuous_usage_stats chunks, as vLLM); without the flag
+    usage is unchanged."""
+    ids, other = list(range(10, 20)), list(range(10, 14)) + list(range(30, 36))  # 10 tokens, 1 block shared
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    off, _ = make_client()
+    for _ in range(2):
+        u = off.post("/v1/completions", json={"prompt": ids, "max_tokens": 2}).json()["usage"]
+        assert list(u) == ["prompt_tokens", "completion_tokens", "total_tokens"]
+    *steps, final = sse(off.post("/v1/completions", json={"prompt": ids, "max_tokens": 2, "stream": True,
+                                                          "stream_options": opts}))
+    assert all("prompt_tokens_details" not in ch["usage"] for ch in steps + [final])
+    c, _ = make_client(enable_prompt_tokens_details=True)
+
+    def usage(body):
+        return c.post("/v1/completions", json={"max_tokens": 2, **body}).json()["usage"]
+
+    assert usage({"prompt": ids})["prompt_tokens_details"] == {"cached_tokens": 0}  # the first
+    assert usage({"prompt": ids})["prompt_tokens_details"] == {"cached_tokens": 8}  # (10 - 1) // 4 blocks
+    assert usage({"prompt": [ids, other], "n": 2})["prompt_tokens_details"] == {"cached_tokens": 8 + 4}
+    *steps, final = sse(c.post("/v1/completions", json={"prompt": [ids, other], "max_tokens": 2, "stream": True,
+                                                        "stream_options": opts}))
+    assert all("prompt_tokens_details" not in ch["usage"] for ch in steps)
+    assert final["usage"]["prompt_tokens_details"] == {"cached_tokens": 8 + 8}
+    msgs = [{"role": "user", "content": "a longer message of many tokens"}]
+    chat = [c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2}).json()["usage"]
+            for _ in range(2)]
+    n = chat[0]["prompt_tokens"]
+    assert chat[0]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert chat[1]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 4 * 4} and n > 4
+    *steps, final = sse(c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2, "stream": True,
+                                                             "stream_options": opts}))
+    assert all("prompt_tokens_details" not in ch["usage"] for ch in steps)
+    assert final["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 4 * 4}
+    u = off.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2}).json()["usage"]
+    assert list(u) == ["prompt_tokens", "completion_tokens", "total_tokens"]
+    from server.cli import configure
+
+    assert configure(["--enable-prompt-tokens-details"])[1].enable_prompt_tokens_details
+    assert not configure([])[1].enable_prompt_tokens_details
+
+
 def test_continuous_usage_counts_each_choice(make_client):
     """stream_options.continuous_usage_stats: each chunk's usage is its own choice's tokens so
     far and its own prompt's tokens (as vLLM), the role chunks count 0; the final usage chunk

@@ -134,7 +134,11 @@ def _stream_chunks(req: ChatCompletionRequest, pieces: list[str], finish: str = 
     from drlora_serve.types import CompletionOutput, RequestOutput, TokenLogprob
     from server.chat import _stream
 
-    class State:  # what _stream reads of the server state (logprobs)
+    from server.state import ServerConfig
+
+    class State:  # what _stream reads of the server state (logprobs, the usage options)
+        config = ServerConfig()
+
         def token_text(self, tid: int) -> str:
             return f"t{tid}"
 

@@ -92,6 +92,18 @@ def test_num_cached_tokens_per_request(tiny_dir, tokenizer, adapters_dir):
     assert seen and all(n == 20 for n in seen)
 
 
+def test_num_cached_tokens_is_the_first_schedulings(tiny_dir, tokenizer):
+    """A sequence preempted and recomputed may hit its own blocks when readmitted; the request
+    still reports its first scheduling's hits (vLLM's), here none: distinct prompts."""
+    eng = make_engine(tiny_dir, tokenizer, num_kv_blocks=32, block_size=4, max_num_batched_tokens=12)
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for i in range(4):  # prompts prefilled in chunks: r2 is preempted before its first token, readmitted with hits
+        eng.add_request(f"r{i}", [100 + 50 * i + j for j in range(40)], sp)
+    outs = run_all(eng)
+    assert eng.stats().num_preemptions_total > 0 and eng.blocks.num_cache_hits > 0  # readmissions hit
+    assert {o.num_cached_tokens for o in outs.values()} == {0}
+
+
 def test_prefix_cache_chain_hash_fields_never_alias():
     """SHA-256 over fixed-width fields (Python's hash() of the chain was collidable): each of
     parent, adapter and tokens changes the hash, and no field's bytes can pass for another's."""

@@ -100,13 +100,10 @@ class LLM:
         `continue_final_message` leaves the last message open instead of adding a generation
         prompt, as vLLM), then generated as generate() does."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use generate() or give chat_template")
-        if continue_final_message and add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true "
-                             "(pass add_generation_prompt=False)")
+        # (bad options and a model without a template: InvalidRequestError, a ValueError)
         prompts = [chat_prompt(self.tokenizer, conv, add_generation_prompt, tools, chat_template=chat_template,
-                               template_kwargs=chat_template_kwargs, continue_final_message=continue_final_message)
+                               template_kwargs=chat_template_kwargs, continue_final_message=continue_final_message,
+                               instead="use generate() or give chat_template")
                    for conv in convs]
         return self._run(prompts, sampling_params, adapter, lora_request, use_tqdm)
 

@@ -29,14 +29,15 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 
 def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                 tools: list[dict] | None = None, *, chat_template: str | None = None,
-                template_kwargs: dict | None = None, continue_final_message: bool = False) -> tuple[str, list[int]]:
+                template_kwargs: dict | None = None, continue_final_message: bool = False,
+                instead: str = "give chat_template") -> tuple[str, list[int]]:
     """A conversation as prompt text and token ids (the server's /v1/chat/completions and
-    /tokenize, and LLM.chat): the
-    chat template (the model's, or `chat_template`) renders text, its special tokens spelled
-    out, which is then encoded without adding special tokens again. `template_kwargs`: extra
-    variables of the template (vLLM's chat_template_kwargs, e.g. {"enable_thinking": false});
-    `continue_final_message`: the last message is left open for the model to continue, with no
-    generation prompt (vLLM's). Bad options and a template that raises are InvalidRequestErrors."""
+    /tokenize, and LLM.chat): the chat template (the model's, or `chat_template`) renders text,
+    its special tokens spelled out, which is then encoded without adding special tokens again.
+    `template_kwargs`: extra variables of the template (vLLM's chat_template_kwargs, e.g.
+    {"enable_thinking": false}); `continue_final_message`: the last message is left open for
+    the model to continue, with no generation prompt (vLLM's). Bad options, no template at all
+    (`instead`: what the caller can do then) and a template that raises are InvalidRequestErrors."""
     kw = dict(template_kwargs or {})
     clash = sorted(RESERVED_TEMPLATE_KWARGS & kw.keys())
     if clash:
@@ -46,7 +47,7 @@ def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = T
         raise InvalidRequestError("continue_final_message and add_generation_prompt cannot both be true "
                                   "(set add_generation_prompt to false)", "continue_final_message")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError("This model has no chat template", "messages")
+        raise InvalidRequestError(f"This model has no chat template; {instead}", "messages")
     if tools:
         kw["tools"] = tools
     if chat_template is not None:

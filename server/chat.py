@@ -34,15 +34,14 @@ async def render(state: ServerState, req: ChatCompletionRequest | TokenizeReques
                           "chat_template")
     if template is None:
         template = state.config.chat_template  # --chat-template, else (None) the tokenizer's
-    if template is None and not getattr(tok, "chat_template", None):
-        raise bad_request(f"This model has no chat template; {instead}", "messages")
     messages = [_message(m) for m in req.messages]
     chars = sum(len(m["content"]) for m in messages) + len(template or "")
     g.check_text(state, chars, "messages", "messages")
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     return (await g.off_loop(lambda: chat_prompt(
         tok, messages, req.add_generation_prompt, tools, chat_template=template,
-        template_kwargs=req.chat_template_kwargs, continue_final_message=req.continue_final_message), chars))[1]
+        template_kwargs=req.chat_template_kwargs, continue_final_message=req.continue_final_message,
+        instead=instead), chars))[1]
 
 
 def _message(m) -> dict:

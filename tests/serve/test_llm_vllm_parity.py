@@ -156,3 +156,25 @@ def test_chat_options(llm):
 def test_completion_output_defaults():
     o = CompletionOutput(0, "", [])
     assert o.cumulative_logprob is None and o.lora_request is None and not o.finished()
+
+
+def test_no_chat_template_says_what_to_do(llm, tokenizer):
+    """A tokenizer without a chat template: LLM.chat's ValueError (and the server's 400, which
+    renders through the same chat_prompt) says what the caller can do instead."""
+    import copy
+
+    from drlora_serve.preprocess import chat_prompt
+
+    bare = copy.copy(tokenizer)
+    bare.chat_template = None
+    msgs = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(ValueError, match="no chat template; use /v1/completions"):
+        chat_prompt(bare, msgs, instead="use /v1/completions")
+    have = llm.tokenizer
+    llm.tokenizer = bare
+    try:
+        with pytest.raises(ValueError, match="no chat template; use generate"):
+            llm.chat(msgs)
+        assert llm.chat(msgs, SamplingParams(max_tokens=1), chat_template="{{ messages[0]['content'] }}")[0].prompt == "Hi"
+    finally:
+        llm.tokenizer = have

@@ -140,8 +140,10 @@ def build_cases(E: int, H: int, I: int, K: int, S: int, tokens: list[int], dtype
         bm = moe_block_m(n, E)
         align, align_l = moe_align(ti, E, bm), moe_align(ti, E, bm, slots, S)  # the fused path's alignments
         u = (torch.randn(n, rb, generator=gen) * 0.1).to(dev)
-        o_gu, o_dn = torch.empty(n, I, dtype=dtype, device=dev), torch.empty(n, H, dtype=torch.float32, device=dev)
-        u_gu, u_dn = torch.empty(n, 2 * rb, device=dev), torch.empty(n, rb, device=dev)
+        # NaN-filled, not empty: an entry a launch leaves unwritten fails the comparison every time, not by chance
+        nan = float("nan")
+        o_gu, o_dn = torch.full((n, I), nan, dtype=dtype, device=dev), torch.full((n, H), nan, device=dev)
+        u_gu, u_dn = torch.full((n, 2 * rb), nan, device=dev), torch.full((n, rb), nan, device=dev)
         y_g, y_d = torch.zeros(n, I, dtype=dtype, device=dev), torch.zeros(n, H, dtype=dtype, device=dev)
 
         def gemm(cfg, fuse, n=n, x=x, h=h, align=align, o_gu=o_gu, o_dn=o_dn, routed=routed):
@@ -168,8 +170,12 @@ def build_cases(E: int, H: int, I: int, K: int, S: int, tokens: list[int], dtype
 
         cases += [Case("moe_gemm", (E, I, H), t, n, bm, lambda c, f=gemm: f(c, True), I, H),
                   Case("moe_gemm", (E, H, I), t, n, bm, lambda c, f=gemm: f(c, False), H, I),
-                  Case("lora_shrink", (E, RANK_TILE, H), t, n, bm, lambda c, f=shrink: f(c, True), RANK_TILE, H),
-                  Case("lora_shrink", (E, RANK_TILE, I), t, n, bm, lambda c, f=shrink: f(c, False), RANK_TILE, I),
+                  # the shrink leaves base rows and columns past a rank unwritten (nothing reads them):
+                  # cleared before each compared launch, else leftover NaNs fail every config
+                  Case("lora_shrink", (E, RANK_TILE, H), t, n, bm, lambda c, f=shrink: f(c, True), RANK_TILE, H,
+                       reset=u_gu.zero_),
+                  Case("lora_shrink", (E, RANK_TILE, I), t, n, bm, lambda c, f=shrink: f(c, False), RANK_TILE, I,
+                       reset=u_dn.zero_),
                   Case("lora_expand", (E, I, RANK_TILE), t, n, bm, lambda c, f=expand, y=y_g: f(c, "gate", y), I, RANK_TILE,
                        reset=y_g.zero_),
                   Case("lora_expand", (E, H, RANK_TILE), t, n, bm, lambda c, f=expand, y=y_d: f(c, "down", y), H, RANK_TILE,

@@ -263,7 +263,7 @@ class EngineCore:
             keep = [i for i, s in enumerate(seqs) if s.status is not finished]
             seqs, tokens = [seqs[i] for i in keep], [tokens[i] for i in keep]
             if res.logprob is not None:
-                res.logprob = [res.logprob[i] for i in keep]
+                res.logprob, res.rank = [res.logprob[i] for i in keep], [res.rank[i] for i in keep]
                 if res.top_ids is not None:
                     res.top_ids, res.top_logprobs = [res.top_ids[i] for i in keep], [res.top_logprobs[i] for i in keep]
         out.seq_keys = [s.key for s in seqs]
@@ -291,7 +291,8 @@ class EngineCore:
             for i, seq in enumerate(seqs):
                 k = seq.request.params.logprobs
                 lps.append(None if k is None else
-                           (res.logprob[i], res.top_ids[i][:k] if k else [], res.top_logprobs[i][:k] if k else []))
+                           (res.logprob[i], res.rank[i], res.top_ids[i][:k] if k else [],
+                            res.top_logprobs[i][:k] if k else []))
             out.logprobs = lps
         for seq, reason in ended:
             if seq.grammar is not None and seq.grammar.is_error():  # failed, then allowed only the end

@@ -44,6 +44,7 @@ class StepResult:
 
     tokens: list[int]  # one per sampled row
     logprob: list[float] | None = None  # the chosen token's, per row
+    rank: list[int] | None = None  # the chosen token's rank, per row
     top_ids: list[list[int]] | None = None  # (N, K)
     top_logprobs: list[list[float]] | None = None
     # per prompt chunk asking prompt logprobs: (seq, first predicted position, logprobs of the
@@ -74,8 +75,8 @@ class LaunchedStep:
         n = len(self.sample_seqs)
         res = StepResult(self.host_tokens[:n].tolist() if n else [])
         if self.host_lp is not None:
-            lp, ti, tv = self.host_lp
-            res.logprob = lp[:n].tolist()
+            lp, rk, ti, tv = self.host_lp
+            res.logprob, res.rank = lp[:n].tolist(), rk[:n].tolist()
             if ti is not None:
                 res.top_ids, res.top_logprobs = ti[:n].tolist(), tv[:n].tolist()
         for seq, start, lp, ti, tv, rk in self.prompt_lp:
@@ -361,7 +362,7 @@ class ModelRunner:
         step.host_tokens.copy_(sampled.tokens, non_blocking=True)
         if sampled.logprob is not None:
             step.host_lp = tuple(t.to("cpu", non_blocking=True) if t is not None else None
-                                 for t in (sampled.logprob, sampled.top_ids, sampled.top_logprobs))
+                                 for t in (sampled.logprob, sampled.rank, sampled.top_ids, sampled.top_logprobs))
         step.event = self._record_event()
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor, step: LaunchedStep) -> None:

@@ -185,8 +185,8 @@ class OutputProcessor:
             req.step_tokens += 1
             st.token_ids.append(tok)
             if st.logprobs is not None and lps is not None and lps[i] is not None:
-                lp, ids, vals = lps[i]
-                st.logprobs.append(TokenLogprob(tok, lp, dict(zip(ids, vals)), None, self.token_text))
+                lp, rank, ids, vals = lps[i]
+                st.logprobs.append(TokenLogprob(tok, lp, dict(zip(ids, vals)), rank, self.token_text))
                 st.cum_logprob += lp
             if st.detok is not None:
                 if tok not in req.stop_ids:

@@ -73,8 +73,8 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
     info: EngineInfo
 
 
-# logprobs of one token: (chosen token's logprob, top ids, top logprobs)
-RowLogprobs = tuple[float, list[int], list[float]]
+# logprobs of one token: (chosen token's logprob, its rank, top ids, top logprobs)
+RowLogprobs = tuple[float, int, list[int], list[float]]
 
 
 class PromptLogprobs(msgspec.Struct, array_like=True):

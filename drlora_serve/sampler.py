@@ -60,6 +60,7 @@ class StepExtras:
 class SamplerOutput:
     tokens: torch.Tensor  # (N,) int64
     logprob: torch.Tensor | None = None  # (N,) fp32, the chosen token's
+    rank: torch.Tensor | None = None  # (N,) int64, the chosen token's vLLM rank (tokens at least as likely)
     top_ids: torch.Tensor | None = None  # (N, K) int64
     top_logprobs: torch.Tensor | None = None  # (N, K) fp32
 
@@ -125,7 +126,9 @@ class Sampler:
             state.update(c, tokens)
         out = SamplerOutput(tokens)
         if lp is not None:
-            out.logprob = lp.gather(1, tokens[:, None]).squeeze(1)
+            chosen = lp.gather(1, tokens[:, None])  # (N, 1)
+            out.logprob = chosen.squeeze(1)
+            out.rank = (lp >= chosen).sum(dim=1)  # as the prompt tokens' (model_runner._prompt_logprobs)
             if b.max_logprobs:
                 out.top_logprobs, out.top_ids = torch.topk(lp, b.max_logprobs, dim=-1)
         return out

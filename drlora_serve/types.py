@@ -192,14 +192,14 @@ class TokenLogprob(Mapping):
     """The logprobs of one position. Read as vLLM's dict[token id, Logprob]: the token itself
     (sampled, or the prompt's) first, then the top k not already listed, so k or k + 1
     entries; the top k have ranks 1..k, the token its own rank (when it is outside the top k:
-    the rank the engine reports, which it does for prompt tokens only, else None).
+    the rank the engine reports, tokens at least as likely).
     `token_id`, `logprob`, `top` (the top k as token id -> logprob, most likely first) and
     `rank` are the same data as plain attributes."""
 
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)  # token id -> logprob, most likely first
-    rank: int | None = None  # 1 + tokens more likely (vLLM's rank), when known
+    rank: int | None = None  # tokens at least as likely, itself included (vLLM's rank)
     # token id -> its text (decoded lazily; a dict once pickled or copied)
     decoder: Callable[[int], str] | dict[int, str] | None = field(default=None, repr=False, compare=False)
 

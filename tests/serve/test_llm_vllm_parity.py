@@ -56,14 +56,22 @@ def test_logprobs_are_vllm_shaped(llm):
     for tok, d in zip(out.prompt_token_ids[1:], plp[1:]):
         assert next(iter(d)) == tok and len(d) in (2, 3) and d[tok].rank >= 1
         assert [d[t].rank for t in d.top] == list(range(1, len(d.top) + 1))
-    # a sampled token outside the top k: k + 1 entries, the top k ranked 1..k
-    hot = llm.generate(PROMPTS[1], SamplingParams(max_tokens=8, temperature=5.0, seed=3, logprobs=1))[0].outputs[0]
+    # a sampled token outside the top k: k + 1 entries, the top k ranked 1..k, the token its own
+    # rank, as vLLM (every token's rank, as scoring the same text as a prompt ranks it)
+    first = llm.generate(PROMPTS[1], SamplingParams(max_tokens=8, temperature=5.0, seed=3, logprobs=1))[0]
+    hot = first.outputs[0]
     outside = [(t, d) for t, d in zip(hot.token_ids, hot.logprobs) if len(d) == 2]
     assert outside
     for t, d in outside:
         other = next(k for k in d if k != t)
-        assert d[other].rank == 1 and d[t].logprob <= d[other].logprob
-        assert d[t].rank is None or d[t].rank > 1  # (the engine reports no rank beyond the top k)
+        assert d[other].rank == 1 and d[t].logprob <= d[other].logprob and d[t].rank > 1
+    scored = llm.generate({"prompt_token_ids": first.prompt_token_ids + hot.token_ids},
+                          SamplingParams(max_tokens=1, prompt_logprobs=0, **GREEDY))[0].prompt_logprobs
+    n = len(first.prompt_token_ids)
+    assert [d[t].rank for t, d in zip(hot.token_ids, hot.logprobs)] == \
+        [d[t].rank for t, d in zip(hot.token_ids, scored[n:])]
+    assert [d[t].logprob for t, d in zip(hot.token_ids, hot.logprobs)] == \
+        pytest.approx([d[t].logprob for t, d in zip(hot.token_ids, scored[n:])], abs=1e-4)
     # logprobs=0: the sampled token alone
     zero = llm.generate(PROMPTS[1], SamplingParams(max_tokens=2, logprobs=0, **GREEDY))[0].outputs[0]
     assert [list(d) for d in zero.logprobs] == [[t] for t in zero.token_ids]

@@ -111,9 +111,14 @@ class SamplingParams:
             self.stop_token_ids = []
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
+        # bad values fail here, as in vLLM (max_tokens=None is resolved later, by the frontend)
+        self.validate(resolved=False)
 
-    def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+    def validate(self, resolved: bool = True) -> None:
+        """InvalidRequestError (a ValueError) naming the first bad field. resolved: max_tokens
+        must be a number by now (None, "up to the context length", has been resolved)."""
+        unbounded = self.max_tokens is None and not resolved
+        if not unbounded and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
             raise InvalidRequestError(f"max_tokens must be a non-negative integer, got {self.max_tokens}", "max_tokens")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
@@ -145,7 +150,7 @@ class SamplingParams:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise InvalidRequestError(f"min_tokens must be a non-negative integer, got {self.min_tokens}", "min_tokens")
-        if self.min_tokens > self.max_tokens:
+        if not unbounded and self.min_tokens > self.max_tokens:
             raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
                                       "min_tokens")
         if self.logit_bias and any(not math.isfinite(v) for v in self.logit_bias.values()):

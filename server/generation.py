@@ -164,36 +164,35 @@ def sampling_params(state: ServerState, req, max_tokens: int, logprobs: int | No
             state.grammars.check(so)
         except InvalidRequestError as exc:
             raise bad_request(str(exc), so_field) from None
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=top_k,
-        min_p=req.min_p or 0.0,
-        seed=req.seed,
-        stop=req.stop_list(),
-        stop_token_ids=stop_ids,
-        ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-        n=req.n,
-        output_kind=output_kind,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        min_tokens=req.min_tokens,
-        logit_bias=bias,
-        allowed_token_ids=vocab_ids(state, req.allowed_token_ids, "allowed_token_ids")
-        if req.allowed_token_ids is not None else None,  # ([] is refused by validate(), as vLLM does)
-        bad_words=list(req.bad_words) if req.bad_words else None,
-        include_stop_str_in_output=req.include_stop_str_in_output,
-        skip_special_tokens=req.skip_special_tokens,
-        spaces_between_special_tokens=req.spaces_between_special_tokens,
-        truncate_prompt_tokens=req.truncate_prompt_tokens,
-        structured_outputs=so,
-    )
-    try:
-        params.validate()
+    try:  # (SamplingParams checks its values: an InvalidRequestError naming the field)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=top_k,
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            stop=req.stop_list(),
+            stop_token_ids=stop_ids,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            n=req.n,
+            output_kind=output_kind,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            min_tokens=req.min_tokens,
+            logit_bias=bias,
+            allowed_token_ids=vocab_ids(state, req.allowed_token_ids, "allowed_token_ids")
+            if req.allowed_token_ids is not None else None,  # ([] is refused by validate(), as vLLM does)
+            bad_words=list(req.bad_words) if req.bad_words else None,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens,
+            spaces_between_special_tokens=req.spaces_between_special_tokens,
+            truncate_prompt_tokens=req.truncate_prompt_tokens,
+            structured_outputs=so,
+        )
     except InvalidRequestError as exc:
         raise bad_request(str(exc), exc.param) from None
     return params

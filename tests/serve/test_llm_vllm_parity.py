@@ -140,6 +140,15 @@ def test_sampling_params_normalized_as_vllm(llm):
     assert SamplingParams(stop=None, stop_token_ids=None).stop == []
     assert SamplingParams(stop_token_ids=None).stop_token_ids == []
     assert SamplingParams(bad_words="x").bad_words == ["x"]
+    # bad values fail at construction, as in vLLM (a ValueError naming the field); max_tokens=None
+    # (up to the context length) is allowed there, min_tokens then unbounded
+    for bad, field in ((dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(n=0), "n"),
+                       (dict(max_tokens=-2), "max_tokens"), (dict(max_tokens=2, min_tokens=3), "min_tokens"),
+                       (dict(logprobs=21), "logprobs"), (dict(output_kind="all"), "output_kind")):
+        with pytest.raises(ValueError, match=field) as e:
+            SamplingParams(**bad)
+        assert e.value.param == field
+    assert SamplingParams(max_tokens=None, min_tokens=5).max_tokens is None
 
 
 def test_chat_options(llm):

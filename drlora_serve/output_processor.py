@@ -50,7 +50,7 @@ class SeqState:
 class RequestState:
     __slots__ = ("request_id", "key", "prompt_token_ids", "params", "adapter", "seqs", "prompt_logprobs",
                  "num_unfinished", "hold", "stop_ids", "error", "event", "sent_prompt_lp", "arrival",
-                 "last_token_at", "step_tokens", "num_cached_tokens")
+                 "last_token_at", "step_tokens", "num_cached_tokens", "decoder")
 
     def __init__(self, request_id: str, key: int, prompt_token_ids: list[int], params: SamplingParams,
                  adapter: str | None, tokenizer, eos_token_id: int | None, added: dict[int, str] | None = None):
@@ -63,7 +63,7 @@ class RequestState:
         self.hold = max((len(s) for s in stops), default=1) - 1
         # added tokens joined without spaces: only the incremental path knows how
         joined = None if params.skip_special_tokens or params.spaces_between_special_tokens else added
-        incremental = bool(stops) or params.output_kind != "final" or joined is not None
+        incremental = params.detokenize and (bool(stops) or params.output_kind != "final" or joined is not None)
         skip = params.skip_special_tokens
         self.seqs = [SeqState(i, IncrementalDetokenizer(tokenizer, skip, joined) if incremental else None,
                               params.logprobs is not None) for i in range(params.n)]
@@ -80,6 +80,7 @@ class RequestState:
         self.last_token_at = 0.0  # 0: no token yet
         self.step_tokens = 0  # tokens received in the step being processed
         self.num_cached_tokens: int | None = None  # prefix-cache hits, once the core reports them
+        self.decoder = None  # token id -> text for logprobs (the processor's, unless detokenize=False)
 
     @property
     def finished(self) -> bool:
@@ -122,6 +123,7 @@ class OutputProcessor:
             added = self._added
         req = RequestState(request_id, key, prompt_token_ids, params, adapter, self.tokenizer, self.eos_token_id,
                            added)
+        req.decoder = self.token_text if params.detokenize else None  # logprobs' decoded_token
         self.requests[request_id] = req
         for st in req.seqs:
             self.seqs[key + st.index] = (req, st)
@@ -175,7 +177,7 @@ class OutputProcessor:
             for j, lp in enumerate(pl.logprobs):
                 top = dict(zip(pl.top_ids[j][:k], pl.top_logprobs[j][:k])) if k and pl.top_ids else {}
                 rank = pl.ranks[j] if pl.ranks is not None else None
-                req.prompt_logprobs.append(TokenLogprob(toks[pl.first + j], lp, top, rank, self.token_text))
+                req.prompt_logprobs.append(TokenLogprob(toks[pl.first + j], lp, top, rank, req.decoder))
             touched[req.key] = req
         for i, (key, tok) in enumerate(zip(out.seq_keys, out.token_ids)):
             ent = seqs.get(key)
@@ -186,7 +188,7 @@ class OutputProcessor:
             st.token_ids.append(tok)
             if st.logprobs is not None and lps is not None and lps[i] is not None:
                 lp, rank, ids, vals = lps[i]
-                st.logprobs.append(TokenLogprob(tok, lp, dict(zip(ids, vals)), rank, self.token_text))
+                st.logprobs.append(TokenLogprob(tok, lp, dict(zip(ids, vals)), rank, req.decoder))
                 st.cum_logprob += lp
             if st.detok is not None:
                 if tok not in req.stop_ids:
@@ -254,7 +256,9 @@ class OutputProcessor:
             ids = st.token_ids
             if ids and ids[-1] in req.stop_ids and reason == "stop" and not req.params.include_stop_str_in_output:
                 ids = ids[:-1]  # the stop token adds no text (unless asked, as vLLM)
-            if st.detok is None:
+            if not req.params.detokenize:
+                st.parts = []  # token ids only (vLLM: text "")
+            elif st.detok is None:
                 st.parts = [decode_all(self.tokenizer, ids, req.params.skip_special_tokens)]
             else:
                 # what the detokenizer still holds (an incomplete character at the end)

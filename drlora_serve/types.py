@@ -94,6 +94,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
     bad_words: list[str] | None = None  # words never generated (tokenized by the frontend)
     # ---- text
+    detokenize: bool = True  # False: token ids only (text "", no decoded_token in logprobs; no stop strings)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: the context length)
@@ -157,6 +158,8 @@ class SamplingParams:
             raise InvalidRequestError("logit_bias values must be finite numbers", "logit_bias")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise InvalidRequestError("allowed_token_ids must not be empty", "allowed_token_ids")
+        if self.stop and not self.detokenize:
+            raise InvalidRequestError("stop strings need detokenize=True (give stop_token_ids instead)", "stop")
         t = self.truncate_prompt_tokens
         if t is not None and not (t == -1 or t >= 1):
             raise InvalidRequestError(f"truncate_prompt_tokens must be -1 or >= 1, got {t}", "truncate_prompt_tokens")

@@ -151,6 +151,27 @@ def test_sampling_params_normalized_as_vllm(llm):
     assert SamplingParams(max_tokens=None, min_tokens=5).max_tokens is None
 
 
+def test_detokenize_false_gives_token_ids_only(llm):
+    """vLLM's detokenize=False: the same tokens, text "", no decoded_token; stop strings refused
+    (they need text), stop_token_ids still stop."""
+    for kind in ("cumulative", "final", "delta"):
+        ref = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, logprobs=1, output_kind=kind, **GREEDY))[0]
+        out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, logprobs=1, output_kind=kind, detokenize=False,
+                                                      **GREEDY))[0]
+        o, r = out.outputs[0], ref.outputs[0]
+        assert o.token_ids == r.token_ids and r.text and o.text == ""
+        assert [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)] == \
+            [d[t].logprob for t, d in zip(r.token_ids, r.logprobs)]
+        assert all(d[t].decoded_token is None for t, d in zip(o.token_ids, o.logprobs))
+    with pytest.raises(ValueError, match="detokenize") as e:
+        SamplingParams(stop=["x"], detokenize=False)
+    assert e.value.param == "stop"
+    stop_at = ref.outputs[0].token_ids[2]
+    o = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, stop_token_ids=[stop_at], detokenize=False,
+                                                **GREEDY))[0].outputs[0]
+    assert o.token_ids[-1] == stop_at and o.finish_reason == "stop" and o.text == ""
+
+
 def test_chat_options(llm):
     sp = SamplingParams(max_tokens=3, **GREEDY)
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}]
